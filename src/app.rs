@@ -1,0 +1,135 @@
+//! Wiring: binds the listeners, builds the shared values and starts the tasks. `start` is
+//! what the binary runs and what in-process tests drive; it takes a validated `Config`.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tracing::info;
+
+use crate::activity::Activity;
+use crate::admin::Admin;
+use crate::body::Accounting;
+use crate::config::Config;
+use crate::lifecycle::{self, Event, Exit, Lifecycle, Signal, State};
+use crate::metrics::Metrics;
+use crate::proxy::Proxy;
+use crate::server::{self, ConnCtx, ProxyListener};
+use crate::upstream::Upstream;
+
+/// Options that differ between the binary and in-process tests.
+#[derive(Debug, Clone, Copy)]
+pub struct StartOptions {
+    /// Install SIGTERM/SIGINT/SIGQUIT handlers (the binary does; tests send events instead).
+    pub signals: bool,
+}
+
+/// A running drainproxy.
+pub struct Running {
+    pub proxy_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub state: watch::Receiver<State>,
+    pub events: mpsc::Sender<Event>,
+    pub metrics: Arc<Metrics>,
+    pub activity: Arc<Activity>,
+    /// Resolves when the lifecycle decides the process should end.
+    pub exit: JoinHandle<Exit>,
+}
+
+pub async fn start(cfg: Config, opts: StartOptions) -> anyhow::Result<Running> {
+    let app_addr = cfg
+        .upstream
+        .address
+        .to_socket_addrs()
+        .with_context(|| format!("cannot resolve upstream.address {:?}", cfg.upstream.address))?
+        .next()
+        .with_context(|| format!("upstream.address {:?} resolves to nothing", cfg.upstream.address))?;
+    let proxy_listener =
+        server::bind(cfg.listen).with_context(|| format!("cannot bind listen address {}", cfg.listen))?;
+    let admin_listener = server::bind(cfg.admin).with_context(|| format!("cannot bind admin address {}", cfg.admin))?;
+    let admin_addr = admin_listener.local_addr()?;
+
+    let metrics = Arc::new(Metrics::new());
+    let activity = Arc::new(Activity::new());
+    let acct = Arc::new(Accounting { metrics: metrics.clone(), activity: activity.clone() });
+    let (state_tx, state_rx) = lifecycle::channel();
+    let (events_tx, events_rx) = mpsc::channel(64);
+    let upstream = Arc::new(Upstream::new(&cfg.upstream, app_addr));
+    let proxy = Arc::new(Proxy::new(
+        acct.clone(),
+        state_rx.clone(),
+        upstream.clone(),
+        cfg.drain.retry_after.0,
+        cfg.log.access_log,
+    ));
+    let ctx = Arc::new(ConnCtx::new(proxy, &cfg.limits));
+    let listener = ProxyListener::start(proxy_listener, ctx)?;
+    let proxy_addr = listener.local_addr();
+
+    let admin = Arc::new(Admin {
+        state: state_rx.clone(),
+        events: events_tx.clone(),
+        acct: acct.clone(),
+        upstream: upstream.clone(),
+        token: cfg.drain.token.clone(),
+        header_read_timeout: cfg.limits.header_read_timeout.0,
+    });
+    tokio::spawn(admin::serve(admin_listener, admin, std::future::pending::<()>()));
+    tokio::spawn(crate::health::run(cfg.health.clone(), app_addr, events_tx.clone(), metrics.clone()));
+    if opts.signals {
+        spawn_signal_handlers(events_tx.clone())?;
+    }
+    let life = Lifecycle::new(state_tx, events_rx, cfg.drain.clone(), activity.clone(), metrics.clone(), listener);
+    let exit = tokio::spawn(life.run());
+    info!(
+        listen = %proxy_addr,
+        admin = %admin_addr,
+        upstream = %app_addr,
+        protocol = ?cfg.upstream.protocol,
+        threads = cfg.runtime.threads,
+        version = env!("CARGO_PKG_VERSION"),
+        "drainproxy started"
+    );
+    Ok(Running { proxy_addr, admin_addr, state: state_rx, events: events_tx, metrics, activity, exit })
+}
+
+use crate::admin;
+
+fn spawn_signal_handlers(events: mpsc::Sender<Event>) -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    for (kind, sig) in [
+        (SignalKind::terminate(), Signal::Term),
+        (SignalKind::interrupt(), Signal::Int),
+        (SignalKind::quit(), Signal::Quit),
+    ] {
+        let mut stream = signal(kind)?;
+        let events = events.clone();
+        tokio::spawn(async move {
+            while stream.recv().await.is_some() {
+                info!(signal = ?sig, "signal received");
+                if events.send(Event::Signal(sig)).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    Ok(())
+}
+
+/// Builds the runtime `runtime.threads` asks for and runs until exit.
+pub fn run_blocking(cfg: Config) -> anyhow::Result<Exit> {
+    let rt = if cfg.runtime.threads <= 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(cfg.runtime.threads).enable_all().build()?
+    };
+    let exit = rt.block_on(async move {
+        let running = start(cfg, StartOptions { signals: true }).await?;
+        running.exit.await.context("lifecycle task failed")
+    });
+    // Connection tasks still running are abandoned: the decision to exit was already made.
+    rt.shutdown_timeout(std::time::Duration::from_millis(100));
+    exit
+}

@@ -1,0 +1,17 @@
+//! drainproxy: a sidecar reverse proxy that drains on measured idleness.
+//! See ARCHITECTURE.md for the codemap and the invariants.
+
+pub mod activity;
+pub mod admin;
+pub mod app;
+pub mod body;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod health;
+pub mod lifecycle;
+pub mod logging;
+pub mod metrics;
+pub mod proxy;
+pub mod server;
+pub mod upstream;

@@ -1,0 +1,433 @@
+//! The one owner of the phase (DESIGN §3–§4): consumes health verdicts, drain triggers and
+//! signals, runs the drain timeline, opens and closes the proxy listener, and decides exit.
+//!
+//! Everyone else reads the published [`State`] from a `watch` channel; nothing else writes
+//! it. This module makes decisions only; it never touches a client connection itself.
+//! Connections react to the published state (`server.rs`).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use tokio::sync::{mpsc, watch};
+use tokio::time::sleep_until;
+use tracing::{info, warn};
+
+use crate::activity::Activity;
+use crate::config::DrainConfig;
+use crate::metrics::Metrics;
+use crate::server::ProxyListener;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    Starting = 0,
+    Ready = 1,
+    Unhealthy = 2,
+    Draining = 3,
+    Drained = 4,
+}
+
+impl Phase {
+    pub const ALL: [Phase; 5] = [Phase::Starting, Phase::Ready, Phase::Unhealthy, Phase::Draining, Phase::Drained];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Starting => "starting",
+            Phase::Ready => "ready",
+            Phase::Unhealthy => "unhealthy",
+            Phase::Draining => "draining",
+            Phase::Drained => "drained",
+        }
+    }
+    /// From t=0 of a drain until resume: HTTP/1.1 responses carry `Connection: close` and
+    /// HTTP/2 connections get GOAWAY.
+    pub fn is_draining(self) -> bool {
+        matches!(self, Phase::Draining | Phase::Drained)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Trigger {
+    Http,
+    Sigterm,
+    Sigint,
+}
+
+impl Trigger {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Http => "http",
+            Trigger::Sigterm => "sigterm",
+            Trigger::Sigint => "sigint",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    Idle,
+    Forced,
+}
+
+/// The current or last drain, as `/status`, `/drain` and the drain log line report it.
+#[derive(Debug, Clone, Serialize)]
+pub struct DrainReport {
+    pub trigger: Trigger,
+    /// Unix time of t=0, in seconds.
+    pub started_at: f64,
+    #[serde(skip)]
+    pub started: Instant,
+    pub outcome: Option<Outcome>,
+    /// t=0 to release.
+    pub duration_seconds: Option<f64>,
+    pub requests_after_start: u64,
+    /// t=0 to the newest request received since: the measured propagation delay.
+    pub last_request_seconds: Option<f64>,
+    pub inflight_at_release: Option<usize>,
+}
+
+/// The published state. Cloned by readers only when they need more than a field or two.
+#[derive(Debug, Clone)]
+pub struct State {
+    pub phase: Phase,
+    pub reason: &'static str,
+    pub app_healthy: Option<bool>,
+    /// `min_delay` has passed (or the drain is over): idle HTTP/1.1 keep-alives close now.
+    pub close_idle: bool,
+    /// Forced release: upgraded connections still open are closed now.
+    pub force_close: bool,
+    pub drain: Option<DrainReport>,
+}
+
+impl State {
+    fn initial() -> Self {
+        State {
+            phase: Phase::Starting,
+            reason: "process started",
+            app_healthy: None,
+            close_idle: false,
+            force_close: false,
+            drain: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    Term,
+    Int,
+    Quit,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HealthReport {
+    /// This probe passed.
+    pub ok: bool,
+    /// The verdict after `healthy_threshold`/`unhealthy_threshold`, once there is one.
+    pub verdict: Option<bool>,
+}
+
+#[derive(Debug)]
+pub enum Event {
+    /// One health probe's result (sent for every probe).
+    Health(HealthReport),
+    Drain(Trigger),
+    Signal(Signal),
+}
+
+/// How the process should end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// Released and stopped by a signal.
+    Drained,
+    /// SIGQUIT (or a stop before any release): exit at once.
+    Abandoned,
+}
+
+pub struct Lifecycle {
+    tx: watch::Sender<State>,
+    events: mpsc::Receiver<Event>,
+    cfg: DrainConfig,
+    activity: Arc<Activity>,
+    metrics: Arc<Metrics>,
+    listener: ProxyListener,
+    /// A stop signal (SIGTERM/SIGINT) arrived: once released, exit; never resume.
+    stop_requested: bool,
+}
+
+/// Creates the state channel, readable by everyone, before the owner is built.
+pub fn channel() -> (watch::Sender<State>, watch::Receiver<State>) {
+    watch::channel(State::initial())
+}
+
+impl Lifecycle {
+    pub fn new(
+        tx: watch::Sender<State>,
+        events: mpsc::Receiver<Event>,
+        cfg: DrainConfig,
+        activity: Arc<Activity>,
+        metrics: Arc<Metrics>,
+        listener: ProxyListener,
+    ) -> Self {
+        metrics.set_phase(Phase::Starting);
+        Lifecycle { tx, events, cfg, activity, metrics, listener, stop_requested: false }
+    }
+
+    fn phase(&self) -> Phase {
+        self.tx.borrow().phase
+    }
+
+    fn set_phase(&self, phase: Phase, reason: &'static str) {
+        let from = self.phase();
+        self.tx.send_modify(|s| {
+            s.phase = phase;
+            s.reason = reason;
+        });
+        self.metrics.set_phase(phase);
+        if from != phase {
+            info!(from = from.as_str(), to = phase.as_str(), reason, "phase changed");
+        }
+    }
+
+    fn set_health(&self, healthy: bool) {
+        self.tx.send_modify(|s| s.app_healthy = Some(healthy));
+    }
+
+    /// Runs until the process should exit.
+    pub async fn run(mut self) -> Exit {
+        // Set while drained: the app went down after the release, so a healthy verdict
+        // means it restarted (a container restart, not a pod deletion).
+        let mut app_went_down = false;
+        loop {
+            let Some(event) = self.events.recv().await else {
+                // Every sender is gone: nothing can trigger anything any more.
+                return Exit::Abandoned;
+            };
+            let phase = self.phase();
+            match event {
+                Event::Health(report) => {
+                    if let Some(v) = report.verdict {
+                        self.set_health(v);
+                    }
+                    match (phase, report.verdict) {
+                        (Phase::Starting | Phase::Unhealthy, Some(true)) => self.set_phase(Phase::Ready, "app healthy"),
+                        (Phase::Ready, Some(false)) => self.set_phase(Phase::Unhealthy, "app health check failing"),
+                        // Any failed probe after release counts: a quick container restart
+                        // may never reach unhealthy_threshold.
+                        (Phase::Drained, _) if !report.ok => app_went_down = true,
+                        (Phase::Drained, Some(true)) if app_went_down && !self.stop_requested => {
+                            match self.listener.reopen() {
+                                Ok(()) => {
+                                    app_went_down = false;
+                                    self.tx.send_modify(|s| {
+                                        s.close_idle = false;
+                                        s.force_close = false;
+                                    });
+                                    self.set_phase(Phase::Ready, "app restarted and healthy: resumed");
+                                }
+                                Err(error) => {
+                                    warn!(%error, "cannot reopen the listener to resume; will retry on the next health probe");
+                                }
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                Event::Drain(trigger) => {
+                    if phase == Phase::Drained {
+                        info!(trigger = trigger.as_str(), "drain requested again; already released");
+                    } else if let Some(exit) = self.drain(trigger).await {
+                        return exit;
+                    } else {
+                        app_went_down = false;
+                    }
+                }
+                Event::Signal(Signal::Quit) => return self.quit(),
+                Event::Signal(sig @ (Signal::Term | Signal::Int)) => {
+                    if phase == Phase::Drained {
+                        info!(signal = ?sig, "stop signal after release: exiting");
+                        return self.exit_after_inflight().await;
+                    }
+                    self.stop_requested = true;
+                    let trigger = if sig == Signal::Term { Trigger::Sigterm } else { Trigger::Sigint };
+                    if let Some(exit) = self.drain(trigger).await {
+                        return exit;
+                    }
+                }
+            }
+            if self.stop_requested && self.phase() == Phase::Drained {
+                return self.exit_after_inflight().await;
+            }
+        }
+    }
+
+    fn quit(&self) -> Exit {
+        let released = self.phase() == Phase::Drained;
+        warn!(released, "SIGQUIT: exiting now");
+        if released {
+            Exit::Drained
+        } else {
+            Exit::Abandoned
+        }
+    }
+
+    /// After release and a stop signal: let what is still in flight finish, bounded by
+    /// `drain.exit_grace`.
+    async fn exit_after_inflight(&self) -> Exit {
+        let grace = self.cfg.exit_grace.0;
+        match tokio::time::timeout(grace, self.activity.wait_idle()).await {
+            Ok(()) => info!("exiting: nothing in flight"),
+            Err(_) => warn!(
+                inflight = self.activity.inflight(),
+                grace_ms = grace.as_millis() as u64,
+                "exiting with requests still in flight after drain.exit_grace"
+            ),
+        }
+        Exit::Drained
+    }
+
+    /// Runs one drain to release (DESIGN §4.2). Returns `Some` when the process must exit
+    /// before the drain finished (SIGQUIT), else `None` once released.
+    async fn drain(&mut self, trigger: Trigger) -> Option<Exit> {
+        let t0 = Instant::now();
+        let min_deadline = t0 + self.cfg.min_delay.0;
+        let max_deadline = t0 + self.cfg.max_duration.0;
+        let quiet = self.cfg.quiet_period.0;
+        let started_at = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+        let requests_before = self.metrics.drain_requests.get();
+        self.tx.send_modify(|s| {
+            s.close_idle = false;
+            s.force_close = false;
+            s.drain = Some(DrainReport {
+                trigger,
+                started_at,
+                started: t0,
+                outcome: None,
+                duration_seconds: None,
+                requests_after_start: 0,
+                last_request_seconds: None,
+                inflight_at_release: None,
+            });
+        });
+        self.set_phase(Phase::Draining, trigger_reason(trigger));
+        info!(
+            trigger = trigger.as_str(),
+            min_delay_ms = self.cfg.min_delay.0.as_millis() as u64,
+            quiet_period_ms = quiet.as_millis() as u64,
+            max_duration_ms = self.cfg.max_duration.0.as_millis() as u64,
+            inflight = self.activity.inflight(),
+            "drain started: readiness off, connections told to close"
+        );
+
+        let outcome = loop {
+            let now = Instant::now();
+            if now >= min_deadline && !self.tx.borrow().close_idle {
+                self.tx.send_modify(|s| s.close_idle = true);
+                info!("min_delay reached: closing idle keep-alive connections");
+            }
+            if now >= max_deadline {
+                break Outcome::Forced;
+            }
+            let inflight = self.activity.inflight();
+            let quiet_from = self.activity.last_request().map_or(t0, |t| t + quiet);
+            let releasable_at = min_deadline.max(quiet_from);
+            if inflight == 0 && now >= releasable_at {
+                break Outcome::Idle;
+            }
+            let mut wake = max_deadline;
+            if !self.tx.borrow().close_idle {
+                wake = wake.min(min_deadline);
+            }
+            if inflight == 0 {
+                wake = wake.min(releasable_at);
+            }
+            tokio::select! {
+                _ = self.activity.wait_idle(), if inflight > 0 => {}
+                _ = sleep_until(wake.into()) => {}
+                event = self.events.recv() => match event {
+                    Some(Event::Health(report)) => {
+                        if let Some(v) = report.verdict {
+                            self.set_health(v);
+                        }
+                    }
+                    Some(Event::Drain(t)) => info!(trigger = t.as_str(), "joined the drain in progress"),
+                    Some(Event::Signal(Signal::Quit)) => return Some(self.quit()),
+                    Some(Event::Signal(sig)) => {
+                        info!(signal = ?sig, "stop signal during drain: will exit after release");
+                        self.stop_requested = true;
+                    }
+                    None => {}
+                },
+            }
+        };
+
+        // Release: stop accepting first, so that when `/drain` callers are answered (they
+        // wait for `drained`) a late connection attempt is already refused.
+        self.listener.close().await;
+        let released = Instant::now();
+        let inflight = self.activity.inflight();
+        let duration = released.duration_since(t0);
+        let requests = self.metrics.drain_requests.get() - requests_before;
+        let last_request = self.activity.last_request().filter(|t| *t >= t0).map(|t| t.duration_since(t0));
+        let outcome_str = match outcome {
+            Outcome::Idle => "idle",
+            Outcome::Forced => "forced",
+        };
+        self.metrics.drain_finished(trigger.as_str(), outcome_str, duration.as_secs_f64());
+        if let Some(d) = last_request {
+            self.metrics.drain_last_request.set(d.as_secs_f64());
+        }
+        self.tx.send_modify(|s| {
+            s.close_idle = true;
+            s.force_close = outcome == Outcome::Forced;
+            if let Some(r) = s.drain.as_mut() {
+                r.outcome = Some(outcome);
+                r.duration_seconds = Some(duration.as_secs_f64());
+                r.requests_after_start = requests;
+                r.last_request_seconds = last_request.map(|d| d.as_secs_f64());
+                r.inflight_at_release = Some(inflight);
+            }
+        });
+        self.set_phase(Phase::Drained, release_reason(outcome));
+        let log_ms = |d: Option<Duration>| d.map_or(-1, |d| d.as_millis() as i64);
+        if outcome == Outcome::Forced {
+            warn!(
+                trigger = trigger.as_str(),
+                outcome = outcome_str,
+                duration_ms = duration.as_millis() as u64,
+                requests_after_start = requests,
+                last_request_ms = log_ms(last_request),
+                inflight_at_release = inflight,
+                "drain report: forced release at max_duration with requests in flight"
+            );
+        } else {
+            info!(
+                trigger = trigger.as_str(),
+                outcome = outcome_str,
+                duration_ms = duration.as_millis() as u64,
+                requests_after_start = requests,
+                last_request_ms = log_ms(last_request),
+                inflight_at_release = inflight,
+                "drain report: released on measured idleness"
+            );
+        }
+        None
+    }
+}
+
+fn trigger_reason(t: Trigger) -> &'static str {
+    match t {
+        Trigger::Http => "drain requested on /drain",
+        Trigger::Sigterm => "drain started by SIGTERM",
+        Trigger::Sigint => "drain started by SIGINT",
+    }
+}
+
+fn release_reason(o: Outcome) -> &'static str {
+    match o {
+        Outcome::Idle => "released: idle for quiet_period after min_delay",
+        Outcome::Forced => "released: max_duration reached",
+    }
+}

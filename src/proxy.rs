@@ -1,0 +1,334 @@
+//! The request path: one service per client connection that forwards to the app, rewrites
+//! hop-by-hop and forwarding headers, tunnels upgrades, and applies the drain's per-request
+//! rules (`Connection: close` on HTTP/1.1 from t=0; retry hints once released).
+//!
+//! Nothing here decides phases: it reads the published state and reports to `Accounting`.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme, Uri};
+use http::{Request, Response, StatusCode, Version};
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use crate::body::{AccessInfo, Accounting, ConnState, RequestGuard, ResponseBody};
+use crate::config::UpstreamProtocol;
+use crate::error::ProxyError;
+use crate::lifecycle::{Phase, State};
+use crate::metrics::CloseHow;
+use crate::upstream::{Pooled, Upstream};
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// What every connection's service shares.
+pub struct Proxy {
+    pub acct: Arc<Accounting>,
+    pub state: watch::Receiver<State>,
+    pub upstream: Arc<Upstream>,
+    retry_after: HeaderValue,
+    access_log: bool,
+    /// `Host` for requests that arrive without one (HTTP/1.0): the app's address.
+    fallback_host: HeaderValue,
+}
+
+impl Proxy {
+    pub fn new(
+        acct: Arc<Accounting>,
+        state: watch::Receiver<State>,
+        upstream: Arc<Upstream>,
+        retry_after: std::time::Duration,
+        access_log: bool,
+    ) -> Self {
+        let fallback_host =
+            HeaderValue::from_str(&upstream.addr().to_string()).unwrap_or(HeaderValue::from_static("localhost"));
+        let retry_after = HeaderValue::from(retry_after.as_secs().max(1));
+        Proxy { acct, state, upstream, retry_after, access_log, fallback_host }
+    }
+}
+
+/// The service for one client connection.
+#[derive(Clone)]
+pub struct ProxyService {
+    proxy: Arc<Proxy>,
+    conn: Arc<ConnState>,
+    peer: SocketAddr,
+    peer_ip: HeaderValue,
+    /// The client speaks HTTP/2 (GOAWAY, not `Connection: close`, tells it to leave).
+    h2: bool,
+}
+
+impl ProxyService {
+    pub fn new(proxy: Arc<Proxy>, conn: Arc<ConnState>, peer: SocketAddr, h2: bool) -> Self {
+        let peer_ip = HeaderValue::from_str(&peer.ip().to_string()).unwrap_or(HeaderValue::from_static("unknown"));
+        ProxyService { proxy, conn, peer, peer_ip, h2 }
+    }
+
+    async fn handle(self, mut req: Request<Incoming>) -> Response<ResponseBody> {
+        let start = Instant::now();
+        let p = &*self.proxy;
+        let phase = p.state.borrow().phase;
+        let mut guard = RequestGuard::start(p.acct.clone(), self.conn.clone(), phase, start);
+        if phase.is_draining() {
+            p.acct.metrics.drain_requests.inc();
+        }
+        if p.access_log {
+            let path = req.uri().path_and_query().map_or("/", |pq| pq.as_str()).to_string();
+            guard.set_access(AccessInfo { method: req.method().clone(), path, peer: self.peer });
+        }
+        let upgrade = !self.h2 && is_upgrade_request(req.headers());
+        let client_upgrade = if upgrade { Some(hyper::upgrade::on(&mut req)) } else { None };
+
+        let result = if phase == Phase::Drained {
+            // Released: the app may be stopping now. Not forwarding is the safe answer.
+            Err(ProxyError::Released)
+        } else {
+            self.prepare(&mut req, upgrade);
+            if upgrade {
+                p.upstream.send_upgrade(req).await.map(|r| (r, None))
+            } else {
+                p.upstream.send(req).await
+            }
+        };
+
+        let mut res = match result {
+            Ok((res, _)) if upgrade && res.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                return self.start_tunnel(res, client_upgrade, guard);
+            }
+            Ok((res, pooled)) => into_client_response(res, pooled),
+            Err(error) => {
+                if let Some(kind) = error.upstream_kind() {
+                    p.acct.metrics.upstream_error(kind);
+                }
+                if let Some(reason) = error.retry_reason() {
+                    p.acct.metrics.retry_hint(reason);
+                }
+                match &error {
+                    ProxyError::Released => {
+                        debug!(peer = %self.peer, "request after release answered with a retry hint")
+                    }
+                    _ => {
+                        warn!(error = %error, cause = ?std::error::Error::source(&error).map(|s| s.to_string()), peer = %self.peer, status = error.status().as_u16(), "upstream request failed")
+                    }
+                }
+                error.to_response(&p.retry_after)
+            }
+        };
+        // From t=0 every HTTP/1.1 response tells its connection to leave (DESIGN §4.2).
+        // Read again now: a request that started before the drain may end after it.
+        if !self.h2
+            && p.state.borrow().phase.is_draining()
+            && res.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close")).is_none()
+        {
+            p.acct.metrics.connection_closed(CloseHow::ConnectionClose);
+        }
+        guard.set_status(res.status().as_u16());
+        res.map(|b| b.with_guard(guard))
+    }
+
+    /// Rewrites the request for the app: hop-by-hop headers out, forwarding headers in,
+    /// the URI in the form the app's protocol wants.
+    fn prepare(&self, req: &mut Request<Incoming>, upgrade: bool) {
+        let h2_upstream = self.proxy.upstream.protocol() == UpstreamProtocol::H2c && !upgrade;
+        let host = match req.headers().get(header::HOST) {
+            Some(h) => h.clone(),
+            None => req
+                .uri()
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+                .unwrap_or_else(|| self.proxy.fallback_host.clone()),
+        };
+        let headers = req.headers_mut();
+        let wants_trailers = has_token(headers, &header::TE, "trailers");
+        let upgrade_proto = if upgrade { headers.get(header::UPGRADE).cloned() } else { None };
+        strip_hop_by_hop(headers);
+        if let Some(proto) = upgrade_proto {
+            headers.insert(header::UPGRADE, proto);
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+        if wants_trailers && h2_upstream {
+            // gRPC servers require `te: trailers`; it is the one TE value HTTP/2 allows.
+            headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        }
+        append(headers, &X_FORWARDED_FOR, &self.peer_ip);
+        append(headers, &X_FORWARDED_PROTO, &HeaderValue::from_static("http"));
+        append(headers, &X_FORWARDED_HOST, &host);
+
+        if h2_upstream {
+            // HTTP/2 carries the host as :authority; the app sees the client's host.
+            headers.remove(header::HOST);
+            let mut uri = std::mem::take(req.uri_mut()).into_parts();
+            uri.scheme = Some(Scheme::HTTP);
+            uri.authority = Authority::try_from(host.as_bytes())
+                .ok()
+                .or_else(|| Authority::try_from(self.proxy.fallback_host.as_bytes()).ok());
+            if uri.path_and_query.is_none() {
+                uri.path_and_query = Some(PathAndQuery::from_static("/"));
+            }
+            *req.uri_mut() = Uri::from_parts(uri).unwrap_or_default();
+            *req.version_mut() = Version::HTTP_2;
+        } else {
+            if !headers.contains_key(header::HOST) {
+                headers.insert(header::HOST, host);
+            }
+            if req.uri().scheme().is_some() {
+                // Origin-form for the app, whatever form the client used.
+                let pq = req.uri().path_and_query().cloned().unwrap_or(PathAndQuery::from_static("/"));
+                *req.uri_mut() = Uri::from(pq);
+            }
+            *req.version_mut() = Version::HTTP_11;
+        }
+    }
+
+    fn start_tunnel(
+        &self,
+        mut res: Response<Incoming>,
+        client: Option<OnUpgrade>,
+        mut guard: RequestGuard,
+    ) -> Response<ResponseBody> {
+        let upstream = hyper::upgrade::on(&mut res);
+        let proto = res.headers().get(header::UPGRADE).cloned();
+        strip_hop_by_hop(res.headers_mut());
+        if let Some(proto) = proto {
+            res.headers_mut().insert(header::UPGRADE, proto);
+        }
+        res.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        guard.set_status(101);
+        let mut state = self.proxy.state.clone();
+        let peer = self.peer;
+        tokio::spawn(async move {
+            let Some(client) = client else { return };
+            let (client, app) = match tokio::try_join!(client, upstream) {
+                Ok(pair) => pair,
+                Err(error) => {
+                    debug!(%error, %peer, "upgrade did not complete");
+                    return;
+                }
+            };
+            let (mut client, mut app) = (TokioIo::new(client), TokioIo::new(app));
+            tokio::select! {
+                r = tokio::io::copy_bidirectional(&mut client, &mut app) => {
+                    if let Err(error) = r {
+                        debug!(%error, %peer, "upgraded connection ended with an error");
+                    }
+                }
+                _ = state.wait_for(|s| s.force_close) => {
+                    info!(%peer, "closing an upgraded connection still open at max_duration");
+                }
+            }
+            // The guard ends the request's in-flight span only when the tunnel closes.
+            drop(guard);
+        });
+        res.map(|_| ResponseBody::empty())
+    }
+}
+
+impl hyper::service::Service<Request<Incoming>> for ProxyService {
+    type Response = Response<ResponseBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move { Ok(this.handle(req).await) })
+    }
+}
+
+fn into_client_response(res: Response<Incoming>, pooled: Option<Pooled>) -> Response<ResponseBody> {
+    let (mut parts, body) = res.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    Response::from_parts(parts, ResponseBody::upstream(body, pooled))
+}
+
+fn is_upgrade_request(h: &HeaderMap) -> bool {
+    h.contains_key(header::UPGRADE) && has_token(h, &header::CONNECTION, "upgrade")
+}
+
+/// Whether a comma-separated header contains `token` (case-insensitive).
+fn has_token(h: &HeaderMap, name: &HeaderName, token: &str) -> bool {
+    h.get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Removes the hop-by-hop headers of RFC 9110 §7.6.1, including every header named in
+/// `Connection`.
+pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    if h.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = h
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            h.remove(name);
+        }
+        h.remove(header::CONNECTION);
+    }
+    for name in [&KEEP_ALIVE, &PROXY_CONNECTION, &header::TE, &header::TRANSFER_ENCODING, &header::UPGRADE] {
+        h.remove(name);
+    }
+}
+
+/// Appends `value` to a comma-separated header, joining repeated lines into one.
+fn append(h: &mut HeaderMap, name: &HeaderName, value: &HeaderValue) {
+    if !h.contains_key(name) {
+        h.insert(name.clone(), value.clone());
+        return;
+    }
+    let mut joined = Vec::with_capacity(64);
+    for v in h.get_all(name) {
+        joined.extend_from_slice(v.as_bytes());
+        joined.extend_from_slice(b", ");
+    }
+    joined.extend_from_slice(value.as_bytes());
+    if let Ok(v) = HeaderValue::from_bytes(&joined) {
+        h.insert(name.clone(), v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_and_those_named_in_connection_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn forwarding_headers_are_appended() {
+        let mut h = HeaderMap::new();
+        h.append(&X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.1"));
+        h.append(&X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.2"));
+        append(&mut h, &X_FORWARDED_FOR, &HeaderValue::from_static("127.0.0.1"));
+        assert_eq!(h[&X_FORWARDED_FOR], "10.0.0.1, 10.0.0.2, 127.0.0.1");
+        append(&mut h, &X_FORWARDED_PROTO, &HeaderValue::from_static("http"));
+        assert_eq!(h[&X_FORWARDED_PROTO], "http");
+    }
+}

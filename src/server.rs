@@ -1,0 +1,361 @@
+//! Listeners and client connections: the one accept loop (shared with the admin port),
+//! HTTP/1.1-or-HTTP/2 detection per connection, the client-side limits, and the reaction of
+//! each connection to the published drain state.
+//!
+//! How a connection is told to leave (DESIGN §4.2):
+//! - HTTP/2: a graceful two-phase GOAWAY from t=0 (hyper/h2 send GOAWAY with the maximum
+//!   stream id, then the real last id after a PING round trip, so no stream is refused).
+//! - HTTP/1.1: every response from t=0 carries `Connection: close` (`proxy.rs`); connections
+//!   that stay idle are closed only at `min_delay`. Closing them earlier would race a caller
+//!   that has not yet seen the endpoint removal and just picked that connection.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use hyper::server::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{oneshot, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::body::ConnState;
+use crate::config::LimitsConfig;
+use crate::lifecycle::State;
+use crate::metrics::CloseHow;
+use crate::proxy::{Proxy, ProxyService};
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// Explicit listen backlog: the kernel default (often 128 or 4096) should not decide how a
+/// burst of connects is absorbed.
+pub const BACKLOG: u32 = 1024;
+
+/// Binds a listening socket with `SO_REUSEADDR` (so the port can be reopened on resume).
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
+}
+
+/// Accepts until `stop` resolves, handing each connection to `on_conn` with a permit of
+/// `limit` (the `max_connections` budget; at the limit, connects wait in the backlog).
+/// On stop, connections already completed by the kernel are still taken and served, so that
+/// closing the socket resets nobody who was already connected.
+pub async fn accept_loop<S, F>(listener: TcpListener, limit: Arc<Semaphore>, stop: S, mut on_conn: F)
+where
+    S: Future,
+    F: FnMut(TcpStream, SocketAddr, Option<OwnedSemaphorePermit>),
+{
+    tokio::pin!(stop);
+    let mut warned_full = false;
+    loop {
+        let permit = match limit.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                if !warned_full {
+                    warn!("limits.max_connections reached: new connections wait in the backlog");
+                    warned_full = true;
+                }
+                tokio::select! {
+                    biased;
+                    _ = &mut stop => break,
+                    p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+                }
+            }
+        };
+        tokio::select! {
+            biased;
+            _ = &mut stop => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    warned_full = false;
+                    on_conn(stream, peer, Some(permit));
+                }
+                Err(error) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            },
+        }
+    }
+    let mut taken = 0;
+    while let Ok(Ok((stream, peer))) = tokio::time::timeout(Duration::ZERO, listener.accept()).await {
+        taken += 1;
+        on_conn(stream, peer, limit.clone().try_acquire_owned().ok());
+    }
+    if taken > 0 {
+        debug!(taken, "served connections that were waiting in the backlog at close");
+    }
+    drop(listener);
+}
+
+/// Everything a proxy connection needs, built once.
+pub struct ConnCtx {
+    pub proxy: Arc<Proxy>,
+    h1: http1::Builder,
+    h2: http2::Builder<TokioExecutor>,
+    header_read_timeout: Duration,
+    idle_timeout: Duration,
+    limit: Arc<Semaphore>,
+}
+
+impl ConnCtx {
+    pub fn new(proxy: Arc<Proxy>, limits: &LimitsConfig) -> Self {
+        let mut h1 = http1::Builder::new();
+        h1.timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout.0)
+            .max_buf_size(limits.max_header_bytes.max(8192));
+        let mut h2 = http2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new()).max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+        ConnCtx {
+            proxy,
+            h1,
+            h2,
+            header_read_timeout: limits.header_read_timeout.0,
+            idle_timeout: limits.idle_timeout.0,
+            limit: Arc::new(Semaphore::new(limits.max_connections)),
+        }
+    }
+}
+
+/// The proxy's listening socket, which the lifecycle closes at release and reopens on
+/// resume. Connections already accepted live on independently.
+pub struct ProxyListener {
+    addr: SocketAddr,
+    ctx: Arc<ConnCtx>,
+    running: Option<(oneshot::Sender<()>, JoinHandle<()>)>,
+}
+
+impl ProxyListener {
+    /// Starts accepting on an already bound listener.
+    pub fn start(listener: TcpListener, ctx: Arc<ConnCtx>) -> io::Result<Self> {
+        let addr = listener.local_addr()?;
+        let mut me = ProxyListener { addr, ctx, running: None };
+        me.spawn(listener);
+        Ok(me)
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    fn spawn(&mut self, listener: TcpListener) {
+        let (tx, rx) = oneshot::channel::<()>();
+        let ctx = self.ctx.clone();
+        let limit = ctx.limit.clone();
+        let handle = tokio::spawn(accept_loop(listener, limit, rx, move |stream, peer, permit| {
+            let ctx = ctx.clone();
+            let span = tracing::debug_span!("conn", %peer);
+            tokio::spawn(serve_proxy_conn(ctx, stream, peer, permit).instrument(span));
+        }));
+        self.running = Some((tx, handle));
+        info!(addr = %self.addr, "proxy listener open");
+    }
+
+    /// Stops accepting and closes the socket; returns once it is closed.
+    pub async fn close(&mut self) {
+        if let Some((tx, handle)) = self.running.take() {
+            let _ = tx.send(());
+            let _ = handle.await;
+            info!(addr = %self.addr, "proxy listener closed: new connections are refused");
+        }
+    }
+
+    /// Binds the same address again (after a resume).
+    pub fn reopen(&mut self) -> io::Result<()> {
+        if self.running.is_none() {
+            let listener = bind(self.addr)?;
+            self.spawn(listener);
+        }
+        Ok(())
+    }
+}
+
+async fn serve_proxy_conn(
+    ctx: Arc<ConnCtx>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    _permit: Option<OwnedSemaphorePermit>,
+) {
+    let _ = stream.set_nodelay(true);
+    let (io, h2) = match tokio::time::timeout(ctx.header_read_timeout, sniff(stream)).await {
+        Ok(Ok(v)) => v,
+        Ok(Err(error)) => {
+            debug!(%error, "connection closed before a request");
+            return;
+        }
+        Err(_) => {
+            debug!("no request within limits.header_read_timeout: closing");
+            return;
+        }
+    };
+    let acct = &ctx.proxy.acct;
+    let _open = acct.activity.connection_opened(h2);
+    let conn_state = Arc::new(ConnState::new());
+    let svc = ProxyService::new(ctx.proxy.clone(), conn_state.clone(), peer, h2);
+    let state = ctx.proxy.state.clone();
+    let io = TokioIo::new(io);
+    if h2 {
+        let conn = ctx.h2.serve_connection(io, svc);
+        drive(conn, true, &conn_state, state, ctx.idle_timeout, &ctx).await;
+    } else {
+        let conn = ctx.h1.serve_connection(io, svc).with_upgrades();
+        drive(conn, false, &conn_state, state, ctx.idle_timeout, &ctx).await;
+    }
+}
+
+/// A served connection that can be asked to finish gracefully.
+trait Graceful: Future<Output = hyper::Result<()>> {
+    fn graceful(self: Pin<&mut Self>);
+}
+
+type Io = TokioIo<Prefixed>;
+
+impl Graceful for http1::UpgradeableConnection<Io, ProxyService> {
+    fn graceful(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+impl Graceful for http2::Connection<Io, ProxyService, TokioExecutor> {
+    fn graceful(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+/// Polls a connection to completion while applying the idle timeout and the drain.
+async fn drive<C: Graceful>(
+    conn: C,
+    h2: bool,
+    conn_state: &ConnState,
+    mut state: watch::Receiver<State>,
+    idle_timeout: Duration,
+    ctx: &ConnCtx,
+) {
+    tokio::pin!(conn);
+    // Evaluate the current state at once: a connection opened during a drain is told to
+    // leave like the others.
+    state.mark_changed();
+    let mut told = false;
+    let idle = tokio::time::sleep(idle_timeout);
+    tokio::pin!(idle);
+    loop {
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(error) = result {
+                    debug!(%error, "client connection ended with an error");
+                }
+                return;
+            }
+            changed = state.changed(), if !told => {
+                if changed.is_err() {
+                    // The lifecycle is gone: the process is stopping.
+                    conn.as_mut().graceful();
+                    told = true;
+                    continue;
+                }
+                let (draining, close_idle) = {
+                    let s = state.borrow_and_update();
+                    (s.phase.is_draining(), s.close_idle)
+                };
+                if h2 && draining {
+                    conn.as_mut().graceful();
+                    ctx.proxy.acct.metrics.connection_closed(CloseHow::Goaway);
+                    debug!("drain: GOAWAY sent");
+                    told = true;
+                } else if !h2 && close_idle {
+                    // A busy connection's response already carries `Connection: close`.
+                    if conn_state.active() == 0 {
+                        ctx.proxy.acct.metrics.connection_closed(CloseHow::IdleClose);
+                        debug!("drain: idle keep-alive closed at min_delay");
+                    }
+                    conn.as_mut().graceful();
+                    told = true;
+                }
+            }
+            _ = &mut idle, if !told => {
+                let now = Instant::now();
+                let idle_until = conn_state.idle_since() + idle_timeout;
+                if conn_state.active() == 0 && now >= idle_until {
+                    debug!(idle_timeout_ms = idle_timeout.as_millis() as u64, "closing idle client connection");
+                    conn.as_mut().graceful();
+                    told = true;
+                } else {
+                    let next = if conn_state.active() > 0 { now + idle_timeout } else { idle_until };
+                    idle.as_mut().reset(next.into());
+                }
+            }
+        }
+    }
+}
+
+/// Reads until the connection's first bytes tell HTTP/2 (prior knowledge) from HTTP/1.x,
+/// and returns a stream that replays them.
+async fn sniff(mut stream: TcpStream) -> io::Result<(Prefixed, bool)> {
+    let mut buf = BytesMut::with_capacity(1024);
+    loop {
+        if stream.read_buf(&mut buf).await? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        let n = buf.len().min(H2_PREFACE.len());
+        let h2 = if buf[..n] != H2_PREFACE[..n] {
+            Some(false)
+        } else if buf.len() >= H2_PREFACE.len() {
+            Some(true)
+        } else {
+            None
+        };
+        if let Some(h2) = h2 {
+            return Ok((Prefixed { prefix: buf.freeze(), inner: stream }, h2));
+        }
+    }
+}
+
+/// A TCP stream whose first bytes were already read: they are replayed before the rest.
+pub struct Prefixed {
+    prefix: Bytes,
+    inner: TcpStream,
+}
+
+impl AsyncRead for Prefixed {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Prefixed {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

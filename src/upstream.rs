@@ -1,0 +1,232 @@
+//! Connections to the app: a small LIFO pool of HTTP/1.1 connections, or one shared
+//! HTTP/2 (h2c) connection, with the connect timeout and the retry-once rule of DESIGN §4.4.
+//!
+//! Retry rule: a request is retried only when hyper hands it back unwritten (the pooled
+//! connection closed before any byte went out), and then once, on a fresh connection. A
+//! request that may have reached the app is never retried here.
+//!
+//! The pool never hands out a connection idle for longer than `pool_idle_timeout`, which
+//! defaults below common app keep-alive timeouts, so the proxy does not write into a
+//! connection the app is closing.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tracing::debug;
+
+use crate::config::{UpstreamConfig, UpstreamProtocol};
+use crate::error::{connect_error, ProxyError};
+
+struct Idle {
+    sender: http1::SendRequest<Incoming>,
+    since: Instant,
+}
+
+pub struct Upstream {
+    addr: SocketAddr,
+    protocol: UpstreamProtocol,
+    connect_timeout: Duration,
+    request_timeout: Option<Duration>,
+    idle_timeout: Duration,
+    max_idle: usize,
+    idle: Mutex<Vec<Idle>>,
+    h2: tokio::sync::Mutex<Option<http2::SendRequest<Incoming>>>,
+}
+
+/// An HTTP/1.1 connection lent to one exchange; back to the pool via [`Pooled::release`]
+/// once the response body has ended, or closed if dropped earlier.
+pub struct Pooled {
+    sender: http1::SendRequest<Incoming>,
+    upstream: Arc<Upstream>,
+}
+
+impl Pooled {
+    pub fn release(self) {
+        self.upstream.checkin(self.sender);
+    }
+}
+
+impl Upstream {
+    pub fn new(cfg: &UpstreamConfig, addr: SocketAddr) -> Self {
+        Upstream {
+            addr,
+            protocol: cfg.protocol,
+            connect_timeout: cfg.connect_timeout.0,
+            request_timeout: cfg.request_timeout.map(|d| d.0),
+            idle_timeout: cfg.pool_idle_timeout.0,
+            max_idle: cfg.pool_max_idle,
+            idle: Mutex::new(Vec::new()),
+            h2: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn protocol(&self) -> UpstreamProtocol {
+        self.protocol
+    }
+
+    /// Sends `req` to the app. For HTTP/1.1 the returned [`Pooled`] must travel with the
+    /// response body.
+    pub async fn send(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+    ) -> Result<(Response<Incoming>, Option<Pooled>), ProxyError> {
+        match self.protocol {
+            UpstreamProtocol::Http1 => self.send_h1(req).await,
+            UpstreamProtocol::H2c => self.send_h2(req).await.map(|r| (r, None)),
+        }
+    }
+
+    /// Sends an upgrade request (WebSocket) on a connection of its own, never pooled.
+    pub async fn send_upgrade(&self, req: Request<Incoming>) -> Result<Response<Incoming>, ProxyError> {
+        let mut sender = self.connect_h1().await?;
+        let res = self.with_timeout(sender.try_send_request(req)).await?;
+        res.map_err(|mut e| match e.take_message() {
+            Some(_) => ProxyError::NotSent(e.into_error()),
+            None => ProxyError::Upstream(e.into_error()),
+        })
+    }
+
+    async fn with_timeout<F: std::future::Future>(&self, fut: F) -> Result<F::Output, ProxyError> {
+        match self.request_timeout {
+            Some(t) => tokio::time::timeout(t, fut).await.map_err(|_| ProxyError::Timeout),
+            None => Ok(fut.await),
+        }
+    }
+
+    async fn send_h1(
+        self: &Arc<Self>,
+        mut req: Request<Incoming>,
+    ) -> Result<(Response<Incoming>, Option<Pooled>), ProxyError> {
+        let mut retried = false;
+        loop {
+            let pooled = if retried { None } else { self.checkout() };
+            let reused = pooled.is_some();
+            let mut sender = match pooled {
+                Some(s) => s,
+                None => self.connect_h1().await?,
+            };
+            match self.with_timeout(sender.try_send_request(req)).await? {
+                Ok(res) => return Ok((res, Some(Pooled { sender, upstream: self.clone() }))),
+                Err(mut e) => match e.take_message() {
+                    Some(back) if reused => {
+                        debug!(error = %e.error(), "pooled connection closed before the request was written; retrying on a fresh one");
+                        retried = true;
+                        req = back;
+                    }
+                    Some(_) => return Err(ProxyError::NotSent(e.into_error())),
+                    None => return Err(ProxyError::Upstream(e.into_error())),
+                },
+            }
+        }
+    }
+
+    async fn send_h2(&self, mut req: Request<Incoming>) -> Result<Response<Incoming>, ProxyError> {
+        let mut fresh = false;
+        loop {
+            let mut sender = self.h2_sender(fresh).await?;
+            match self.with_timeout(sender.try_send_request(req)).await? {
+                Ok(res) => return Ok(res),
+                Err(mut e) => match e.take_message() {
+                    Some(back) if !fresh => {
+                        debug!(error = %e.error(), "h2 connection to the app closed before the request was sent; retrying on a fresh one");
+                        fresh = true;
+                        req = back;
+                    }
+                    Some(_) => return Err(ProxyError::NotSent(e.into_error())),
+                    None => return Err(ProxyError::Upstream(e.into_error())),
+                },
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<TcpStream, ProxyError> {
+        let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.addr))
+            .await
+            .map_err(|_| ProxyError::ConnectTimeout)?
+            .map_err(connect_error)?;
+        // Small requests must not wait for Nagle's algorithm on loopback.
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+
+    async fn connect_h1(&self) -> Result<http1::SendRequest<Incoming>, ProxyError> {
+        let stream = self.connect().await?;
+        let (sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| ProxyError::Connect(std::io::Error::other(e)))?;
+        tokio::spawn(async move {
+            if let Err(error) = conn.with_upgrades().await {
+                debug!(%error, "app connection ended with an error");
+            }
+        });
+        Ok(sender)
+    }
+
+    async fn h2_sender(&self, fresh: bool) -> Result<http2::SendRequest<Incoming>, ProxyError> {
+        let mut slot = self.h2.lock().await;
+        if let Some(s) = slot.as_ref() {
+            if !fresh && !s.is_closed() {
+                return Ok(s.clone());
+            }
+        }
+        *slot = None;
+        let stream = self.connect().await?;
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| ProxyError::Connect(std::io::Error::other(e)))?;
+        tokio::spawn(async move {
+            if let Err(error) = conn.await {
+                debug!(%error, "h2 app connection ended with an error");
+            }
+        });
+        *slot = Some(sender.clone());
+        Ok(sender)
+    }
+
+    /// The most recently used ready connection, dropping closed and expired ones.
+    fn checkout(&self) -> Option<http1::SendRequest<Incoming>> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let mut i = idle.len();
+        while i > 0 {
+            i -= 1;
+            let c = &idle[i];
+            if c.sender.is_closed() || now.saturating_duration_since(c.since) >= self.idle_timeout {
+                idle.swap_remove(i);
+                continue;
+            }
+            if c.sender.is_ready() {
+                return Some(idle.swap_remove(i).sender);
+            }
+        }
+        None
+    }
+
+    fn checkin(&self, sender: http1::SendRequest<Incoming>) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < self.max_idle {
+            idle.push(Idle { sender, since: Instant::now() });
+        }
+    }
+
+    /// Idle pooled connections (for tests and `/status`).
+    pub fn idle_connections(&self) -> usize {
+        self.idle.lock().map(|v| v.len()).unwrap_or(0)
+    }
+}
