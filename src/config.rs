@@ -488,7 +488,7 @@ pub fn load(
             });
             continue;
         };
-        let result = match name.as_str() {
+        let errors = match name.as_str() {
             "listen" => section(value, &mut cfg.listen),
             "admin" => section(value, &mut cfg.admin),
             "upstream" => section(value, &mut cfg.upstream),
@@ -499,20 +499,23 @@ pub fn load(
             "tls" => section(value, &mut cfg.tls),
             "hooks" => section(value, &mut cfg.hooks),
             "log" => section(value, &mut cfg.log),
-            _ => Err((
+            _ => vec![(
                 String::new(),
                 "unknown field; expected one of listen, admin, upstream, limits, health, drain, runtime, tls, hooks, log"
                     .to_string(),
-            )),
+            )],
         };
-        if let Err((sub, message)) = result {
+        for (sub, message) in errors {
             let field = if sub.is_empty() || sub == "." { name.clone() } else { format!("{name}.{sub}") };
             let source = source_of(&field);
             problems.push(Problem { source, field, message });
         }
     }
 
-    for (field, message) in cfg.validate() {
+    // A field that failed to parse holds its default now: checks that name it would only
+    // repeat the problem already reported.
+    let bad: Vec<String> = problems.iter().map(|p| p.field.clone()).collect();
+    for (field, message) in cfg.validate().into_iter().filter(|(f, _)| !bad.iter().any(|b| b == f)) {
         let source = source_of(field);
         problems.push(Problem { source, field: field.to_string(), message });
     }
@@ -523,23 +526,53 @@ pub fn load(
     }
 }
 
-/// Deserializes one top-level section, returning the failing sub-path and message.
-fn section<T: DeserializeOwned>(value: Value, slot: &mut T) -> Result<(), (String, String)> {
-    match serde_path_to_error::deserialize::<_, T>(value) {
-        Ok(v) => {
-            *slot = v;
-            Ok(())
+/// Deserializes one top-level section. On an error the offending key is set aside and the
+/// rest deserialized again, so every bad key in the section is reported, not just the first.
+/// Returns the failing sub-paths with their messages.
+fn section<T: DeserializeOwned>(mut value: Value, slot: &mut T) -> Vec<(String, String)> {
+    let mut errors = Vec::new();
+    for _ in 0..KEYS.len() + 4 {
+        match serde_path_to_error::deserialize::<_, T>(value.clone()) {
+            Ok(v) => {
+                *slot = v;
+                return errors;
+            }
+            Err(e) => {
+                let path = e.path().to_string();
+                let inner = e.into_inner().to_string();
+                // yaml_serde appends a position that refers to the detached section, not the file.
+                let message = match inner.find(" at line ") {
+                    Some(i) => inner[..i].to_string(),
+                    None => inner,
+                };
+                let removed = remove_path(&mut value, &path);
+                errors.push((path, message));
+                if !removed {
+                    return errors;
+                }
+            }
         }
-        Err(e) => {
-            let path = e.path().to_string();
-            let inner = e.into_inner().to_string();
-            // yaml_serde appends a position that refers to the detached section, not the file.
-            let message = match inner.find(" at line ") {
-                Some(i) => inner[..i].to_string(),
-                None => inner,
-            };
-            Err((path, message))
+    }
+    errors
+}
+
+/// Removes a dotted key (as serde_path_to_error prints it) from a mapping tree.
+fn remove_path(value: &mut Value, path: &str) -> bool {
+    if path.is_empty() || path == "." || path.contains('[') {
+        return false;
+    }
+    let mut parts: Vec<&str> = path.split('.').collect();
+    let Some(last) = parts.pop() else { return false };
+    let mut cur = value;
+    for part in parts {
+        match cur.get_mut(part) {
+            Some(next) => cur = next,
+            None => return false,
         }
+    }
+    match cur.as_mapping_mut() {
+        Some(m) => m.remove(last).is_some(),
+        None => false,
     }
 }
 
@@ -740,6 +773,16 @@ mod tests {
         assert!(text.contains(":4: upstream.colour: unknown field"), "{text}");
         assert!(text.contains(":6: drain.min_delay: min_delay (30s) must be less than max_duration (10s)"), "{text}");
         assert!(text.contains(":8: bogus: unknown field"), "{text}");
+    }
+
+    #[test]
+    fn every_bad_key_in_one_section_is_reported() {
+        let src = "drain:\n  quiet: 1s\n  min_delay: soon\n  max_duration: 10s\n  colour: red\n";
+        let text = load_str(src, &[]).unwrap_err().to_string();
+        assert!(text.contains(":2: drain.quiet: unknown field"), "{text}");
+        assert!(text.contains(":3: drain.min_delay: invalid duration"), "{text}");
+        assert!(text.contains(":5: drain.colour: unknown field"), "{text}");
+        assert!(text.contains("3 problems"), "{text}");
     }
 
     #[test]

@@ -1,0 +1,265 @@
+//! The real binary: the CLI, exit codes, signals in native and classic sidecar mode, and
+//! memory while streaming.
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use http_body_util::BodyExt;
+
+use crate::support::*;
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("drainproxy-it-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+struct Proc {
+    child: Child,
+    listen: SocketAddr,
+    admin: SocketAddr,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn start(name: &str, yaml: &str) -> Proc {
+        let dir = tmpdir(name);
+        let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let cfg = dir.join("config.yaml");
+        std::fs::write(&cfg, format!("listen: {listen}\nadmin: {admin}\n{yaml}")).unwrap();
+        let log = dir.join("stderr.log");
+        let child = Command::new(bin())
+            .args(["run", "--config"])
+            .arg(&cfg)
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Proc { child, listen, admin, log }
+    }
+
+    fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill").arg(format!("-{sig}")).arg(self.child.id().to_string()).status().unwrap();
+        assert!(ok.success());
+    }
+
+    /// Waits (bounded) for the process to exit.
+    fn wait_exit(&mut self, within: Duration) -> Option<(ExitStatus, Duration)> {
+        let start = Instant::now();
+        while start.elapsed() < within {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return Some((s, start.elapsed()));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        None
+    }
+
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Polls an admin path until it returns `want` (the child's readiness is the signal).
+    async fn wait_status(&self, path: &str, want: u16) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(s) = tokio::net::TcpStream::connect(self.admin).await {
+                drop(s);
+                if get(self.admin, path).await.status == want {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "{path} never returned {want}; logs:\n{}", self.logs());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn fast_drain(app: SocketAddr) -> String {
+    format!(
+        "upstream:\n  address: {app}\nhealth:\n  path: /healthz\n  interval: 20ms\ndrain:\n  min_delay: 300ms\n  quiet_period: 100ms\n  max_duration: 5s\n"
+    )
+}
+
+#[test]
+fn check_reports_every_problem_with_its_line_and_exits_2() {
+    let dir = tmpdir("check");
+    let file = dir.join("broken.yaml");
+    let mut f = std::fs::File::create(&file).unwrap();
+    writeln!(f, "listen: 0.0.0.0:8000\ndrain:\n  min_delay: 30s\n  max_duration: 10s\n  quiet: 1s").unwrap();
+    let out = Command::new(bin()).args(["check", "--config"]).arg(&file).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("broken.yaml:5: drain.quiet: unknown field"), "{err}");
+    assert!(err.contains("2 problems") || err.contains("broken.yaml:3"), "{err}");
+}
+
+#[test]
+fn check_accepts_the_example_config() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config/example.yaml");
+    let out = Command::new(bin()).args(["check", "--config", example]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("configuration is valid"));
+}
+
+#[test]
+fn a_bad_environment_override_stops_start_up_with_exit_2() {
+    let out = Command::new(bin()).arg("check").env("DRAINPROXY_DRAIN_MIN_DELAY", "5").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("DRAINPROXY_DRAIN_MIN_DELAY") && err.contains("needs a unit"), "{err}");
+}
+
+#[test]
+fn help_and_version_explain_themselves() {
+    let out = Command::new(bin()).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    for word in ["--config", "--listen", "--upstream", "check", "Exit codes"] {
+        assert!(help.contains(word), "--help lacks {word}:\n{help}");
+    }
+    let out = Command::new(bin()).arg("--version").output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
+}
+
+#[tokio::test]
+async fn an_address_in_use_exits_1_with_a_clear_message() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let out = tokio::process::Command::new(bin())
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--admin", &format!("127.0.0.1:{}", free_port())])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot bind listen address"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn classic_sidecar_sigterm_drains_then_exits_0() {
+    let app = app().await;
+    let mut p = Proc::start("classic", &fast_drain(app.addr));
+    p.wait_status("/ready", 200).await;
+    p.signal("TERM");
+    p.wait_status("/ready", 503).await;
+    // Still forwarded during the drain, and told to close.
+    let r = get(p.listen, "/").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.headers["connection"], "close");
+    let (status, _) = p.wait_exit(Duration::from_secs(10)).expect("exits after release");
+    assert_eq!(status.code(), Some(0), "logs:\n{}", p.logs());
+    let logs = p.logs();
+    assert!(logs.contains("drain report"), "{logs}");
+    assert!(logs.contains("trigger=\"sigterm\"") || logs.contains("trigger=sigterm"), "{logs}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn native_sidecar_sigterm_after_release_exits_0_within_two_seconds() {
+    let app = app().await;
+    let mut p = Proc::start("native", &fast_drain(app.addr));
+    p.wait_status("/ready", 200).await;
+    // preStop on the app container: blocks until release.
+    assert_eq!(get(p.admin, "/drain").await.status, 200);
+    // The app exits; then the kubelet stops the sidecar.
+    p.signal("TERM");
+    let (status, took) = p.wait_exit(Duration::from_secs(5)).expect("exits");
+    assert_eq!(status.code(), Some(0), "logs:\n{}", p.logs());
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigquit_exits_at_once_with_code_3() {
+    let app = app().await;
+    let mut p = Proc::start("quit", &fast_drain(app.addr));
+    p.wait_status("/ready", 200).await;
+    p.signal("QUIT");
+    let (status, _) = p.wait_exit(Duration::from_secs(5)).expect("exits");
+    assert_eq!(status.code(), Some(3));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gibibyte_streams_each_way_with_flat_memory() {
+    const GIB: u64 = 1 << 30;
+    let app = app().await;
+    let p = Proc::start("stream", &format!("upstream:\n  address: {}\n", app.addr));
+    p.wait_status("/live", 200).await;
+    assert_eq!(get(p.listen, "/").await.status, 200);
+    let baseline = p.rss_kib();
+    let pid = p.child.id();
+    let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(baseline));
+    let sampler = {
+        let peak = peak.clone();
+        tokio::spawn(async move {
+            loop {
+                let rss = Proc::rss_of(pid);
+                peak.fetch_max(rss, std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    // Download.
+    let mut c = h1(p.listen).await;
+    c.sender.ready().await.unwrap();
+    let res = c
+        .sender
+        .send_request(http::Request::get(format!("/bytes?n={GIB}")).header("host", "a").body(empty()).unwrap())
+        .await
+        .unwrap();
+    let mut body = res.into_body();
+    let mut got = 0u64;
+    while let Some(f) = body.frame().await {
+        got += f.unwrap().data_ref().map_or(0, |d| d.len() as u64);
+    }
+    assert_eq!(got, GIB);
+    // Upload, streamed from a generator.
+    let chunk = bytes::Bytes::from(vec![b'y'; 256 * 1024]);
+    let stream = futures_util::stream::unfold(0u64, move |sent| {
+        let chunk = chunk.clone();
+        async move {
+            (sent < GIB)
+                .then(|| (Ok::<_, hyper::Error>(hyper::body::Frame::data(chunk.clone())), sent + chunk.len() as u64))
+        }
+    });
+    let req = http::Request::post("/count")
+        .header("host", "a")
+        .body(http_body_util::StreamBody::new(stream).boxed())
+        .unwrap();
+    let r = c.send(req).await;
+    assert_eq!(r.text(), GIB.to_string());
+    sampler.abort();
+    let growth = peak.load(std::sync::atomic::Ordering::Relaxed).saturating_sub(baseline);
+    eprintln!("rss baseline {baseline} KiB, growth {growth} KiB");
+    assert!(growth < 64 * 1024, "RSS grew by {growth} KiB while streaming 2 GiB");
+}
+
+impl Proc {
+    fn rss_of(pid: u32) -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    }
+}

@@ -1,0 +1,8 @@
+//! One integration-test binary (one link step). Modules follow the issues' contracts.
+#![expect(clippy::unwrap_used, reason = "test set-up fails loudly; a panic is the report")]
+
+mod binary;
+mod drain;
+mod peers;
+mod proxy;
+mod support;

@@ -1,0 +1,316 @@
+//! The forwarding contract: headers, protocols, streaming, upgrades, limits and the error
+//! mapping of DESIGN §4.4.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::Request;
+use http_body_util::BodyExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+use crate::support::*;
+
+#[tokio::test]
+async fn forwards_keeping_host_and_appending_forwarded_headers() {
+    let app = app().await;
+    let p = ready_proxy(app.addr, |_| {}).await;
+    let mut c = h1(p.proxy_addr).await;
+    let req = Request::get("/x?y=1")
+        .header("host", "shop.example")
+        .header("x-forwarded-for", "10.1.2.3")
+        .body(full(Bytes::new()))
+        .unwrap();
+    let r = c.send(req).await;
+    assert_eq!(r.status, 200);
+    let h = app.state.last_headers.lock().unwrap().clone();
+    assert_eq!(h["host"], "shop.example");
+    assert_eq!(h["x-forwarded-for"], "10.1.2.3, 127.0.0.1");
+    assert_eq!(h["x-forwarded-proto"], "http");
+    assert_eq!(h["x-forwarded-host"], "shop.example");
+}
+
+#[tokio::test]
+async fn headers_named_in_connection_do_not_reach_the_app() {
+    let app = app().await;
+    let p = ready_proxy(app.addr, |_| {}).await;
+    let mut c = h1(p.proxy_addr).await;
+    let req = Request::get("/")
+        .header("host", "a")
+        .header("connection", "x-secret")
+        .header("x-secret", "hunter2")
+        .header("keep-alive", "timeout=5")
+        .header("x-visible", "yes")
+        .body(full(Bytes::new()))
+        .unwrap();
+    assert_eq!(c.send(req).await.status, 200);
+    let h = app.state.last_headers.lock().unwrap().clone();
+    assert!(h.get("x-secret").is_none(), "{h:?}");
+    assert!(h.get("keep-alive").is_none(), "{h:?}");
+    assert_eq!(h["x-visible"], "yes");
+}
+
+#[tokio::test]
+async fn keep_alive_connection_serves_many_requests() {
+    let app = app().await;
+    let p = ready_proxy(app.addr, |_| {}).await;
+    let mut c = h1(p.proxy_addr).await;
+    for _ in 0..50 {
+        let r = c.get("/").await;
+        assert_eq!(r.status, 200);
+        assert!(r.headers.get("connection").is_none());
+    }
+    assert!(!c.conn.is_finished());
+}
+
+#[tokio::test]
+async fn http2_prior_knowledge_clients_are_served() {
+    let app = app().await;
+    let p = ready_proxy(app.addr, |_| {}).await;
+    let (mut s, _conn) = h2(p.proxy_addr).await;
+    let mut handles = Vec::new();
+    for _ in 0..20 {
+        let fut = s.send_request(h2_get(p.proxy_addr, "/"));
+        handles.push(tokio::spawn(async move { read(fut.await.unwrap()).await }));
+    }
+    for h in handles {
+        let r = h.await.unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(r.text(), "ok");
+    }
+    // The app saw HTTP/1.1 with a Host taken from :authority.
+    let h = app.state.last_headers.lock().unwrap().clone();
+    assert_eq!(h["host"], p.proxy_addr.to_string());
+}
+
+#[tokio::test]
+async fn h2c_upstream_passes_trailers_end_to_end() {
+    let app = app().await;
+    let p = ready_proxy(app.addr, |c| c.upstream.protocol = drainproxy::config::UpstreamProtocol::H2c).await;
+    let (mut s, _conn) = h2(p.proxy_addr).await;
+    let res = s.send_request(h2_get(p.proxy_addr, "/trailers")).await.unwrap();
+    let collected = res.into_body().collect().await.unwrap();
+    let trailers = collected.trailers().cloned().expect("trailers arrive");
+    assert_eq!(trailers["grpc-status"], "0");
+    assert_eq!(trailers["x-checksum"], "abc123");
+    assert_eq!(collected.to_bytes(), "payload");
+}
+
+#[tokio::test]
+async fn websocket_upgrade_echoes_both_ways() {
+    let app = app().await;
+    let p = ready_proxy(app.addr, |_| {}).await;
+    let stream = TcpStream::connect(p.proxy_addr).await.unwrap();
+    let (mut ws, res) = tokio_tungstenite::client_async(format!("ws://{}/ws", p.proxy_addr), stream).await.unwrap();
+    assert_eq!(res.status(), 101);
+    for i in 0..10 {
+        ws.send(format!("hello {i}").into()).await.unwrap();
+        let msg = ws.next().await.unwrap().unwrap();
+        assert_eq!(msg.into_text().unwrap().as_str(), format!("hello {i}"));
+    }
+    // The open WebSocket counts as in flight until it closes.
+    assert_eq!(p.activity.inflight(), 1);
+    ws.close(None).await.unwrap();
+    drop(ws);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while p.activity.inflight() != 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(p.activity.inflight(), 0);
+}
+
+#[tokio::test]
+async fn app_refusing_connections_gets_503_with_retry_hint() {
+    // A port with nothing listening.
+    let dead = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+    let p = proxy(dead, |c| c.health.path = None).await;
+    let r = get(p.proxy_addr, "/").await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.headers["retry-after"], "1");
+    assert_eq!(r.headers["connection"], "close");
+    assert_eq!(r.headers["x-drainproxy-not-forwarded"], "connect_refused");
+    let m = metrics(&p).await;
+    assert_eq!(metric(&m, "drainproxy_retry_hints_total", &[("reason", "connect_refused")]), 1.0);
+    assert_eq!(metric(&m, "drainproxy_upstream_errors_total", &[("kind", "connect_refused")]), 1.0);
+}
+
+#[tokio::test]
+async fn connect_timeout_gets_503_with_retry_hint() {
+    // A listener with a tiny backlog that never accepts: once its queue is full, further
+    // SYNs are dropped and connects hang.
+    let sock = TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let stuck = sock.listen(0).unwrap();
+    let addr = stuck.local_addr().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_millis(100), TcpStream::connect(addr)).await {
+            fillers.push(s);
+        }
+    }
+    let p = proxy(addr, |c| {
+        c.health.path = None;
+        c.upstream.connect_timeout = drainproxy::config::Dur::millis(150);
+    })
+    .await;
+    let r = get(p.proxy_addr, "/").await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.headers["x-drainproxy-not-forwarded"], "connect_timeout");
+}
+
+/// An app that reads the request, then closes without answering.
+async fn rude_app() -> std::net::SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf).await;
+            drop(s);
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn failure_after_the_request_was_sent_is_502_without_retry_hint() {
+    let addr = rude_app().await;
+    let p = proxy(addr, |c| c.health.path = None).await;
+    let r = get(p.proxy_addr, "/").await;
+    assert_eq!(r.status, 502);
+    assert!(r.headers.get("retry-after").is_none());
+    assert!(r.headers.get("x-drainproxy-not-forwarded").is_none());
+}
+
+#[tokio::test]
+async fn slow_app_gets_504_at_request_timeout() {
+    let app = app().await;
+    let p = ready_proxy(app.addr, |c| c.upstream.request_timeout = Some(drainproxy::config::Dur::millis(100))).await;
+    let r = get(p.proxy_addr, "/slow?ms=2000").await;
+    assert_eq!(r.status, 504);
+    assert!(r.headers.get("retry-after").is_none());
+    assert_eq!(get(p.proxy_addr, "/slow?ms=1").await.status, 200);
+}
+
+/// An app that answers one request per connection and then closes it without saying so:
+/// the pooled connection is dead when the proxy next picks it.
+async fn closing_app() -> std::net::SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn app_closing_pooled_connections_causes_no_errors() {
+    let addr = closing_app().await;
+    let p = proxy(addr, |c| c.health.path = None).await;
+    let mut c = h1(p.proxy_addr).await;
+    for i in 0..200 {
+        let r = c.get("/").await;
+        assert_eq!(r.status, 200, "request {i}: {}", r.text());
+    }
+}
+
+#[tokio::test]
+async fn slowloris_is_cut_at_the_header_read_timeout() {
+    let app = app().await;
+    let p = ready_proxy(app.addr, |c| c.limits.header_read_timeout = drainproxy::config::Dur::millis(300)).await;
+    let mut s = TcpStream::connect(p.proxy_addr).await.unwrap();
+    let start = Instant::now();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\nX-Slow: ").await.unwrap();
+    let mut buf = Vec::new();
+    // The proxy must close the connection by itself; the bound only keeps a broken build
+    // from hanging the suite.
+    let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "connection not closed");
+    let took = start.elapsed();
+    assert!(took >= Duration::from_millis(250), "closed too early: {took:?}");
+    assert!(took < Duration::from_secs(5), "closed too late: {took:?}");
+    assert_eq!(app.state.requests.load(std::sync::atomic::Ordering::SeqCst), 0, "nothing forwarded");
+}
+
+#[tokio::test]
+async fn oversized_request_head_is_refused_with_431() {
+    let app = app().await;
+    let p = ready_proxy(app.addr, |c| c.limits.max_header_bytes = 8192).await;
+    let mut c = h1(p.proxy_addr).await;
+    let big = "a".repeat(16 * 1024);
+    let req = Request::get("/").header("host", "a").header("x-big", big).body(full(Bytes::new())).unwrap();
+    c.sender.ready().await.unwrap();
+    match c.sender.send_request(req).await {
+        Ok(res) => assert_eq!(res.status(), 431),
+        Err(e) => panic!("expected a 431 response, got {e}"),
+    }
+}
+
+#[tokio::test]
+async fn idle_client_connections_are_closed_at_idle_timeout() {
+    let app = app().await;
+    let p = ready_proxy(app.addr, |c| c.limits.idle_timeout = drainproxy::config::Dur::millis(200)).await;
+    let mut c = h1(p.proxy_addr).await;
+    assert_eq!(c.get("/").await.status, 200);
+    let start = Instant::now();
+    tokio::time::timeout(Duration::from_secs(5), &mut c.conn).await.expect("idle connection closed").unwrap().unwrap();
+    assert!(start.elapsed() >= Duration::from_millis(150));
+}
+
+#[tokio::test]
+async fn max_connections_holds_extra_connections_in_the_backlog() {
+    let app = app().await;
+    let p = ready_proxy(app.addr, |c| c.limits.max_connections = 2).await;
+    let mut a = h1(p.proxy_addr).await;
+    let mut b = h1(p.proxy_addr).await;
+    assert_eq!(a.get("/").await.status, 200);
+    assert_eq!(b.get("/").await.status, 200);
+    // The third connects (kernel backlog) but is not served while two are open.
+    let addr = p.proxy_addr;
+    let third = tokio::spawn(async move { get(addr, "/").await.status });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!third.is_finished(), "third connection was served beyond max_connections");
+    drop(a);
+    let status = tokio::time::timeout(Duration::from_secs(5), third).await.expect("served once a slot frees").unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(b.get("/").await.status, 200);
+}
+
+#[tokio::test]
+async fn live_and_metrics_answer_with_the_contract_names() {
+    let app = app().await;
+    let p = ready_proxy(app.addr, |_| {}).await;
+    assert_eq!(get(p.admin_addr, "/live").await.status, 200);
+    assert_eq!(get(p.proxy_addr, "/").await.status, 200);
+    let m = metrics(&p).await;
+    for name in [
+        "drainproxy_requests_total",
+        "drainproxy_request_duration_seconds_bucket",
+        "drainproxy_requests_inflight",
+        "drainproxy_connections_open",
+        "drainproxy_upstream_errors_total",
+        "drainproxy_build_info",
+        "drainproxy_phase",
+        "drainproxy_app_healthy",
+    ] {
+        assert!(m.contains(name), "{name} missing from /metrics:\n{m}");
+    }
+    assert_eq!(metric(&m, "drainproxy_requests_total", &[("code_class", "2xx"), ("phase", "ready")]), 1.0);
+    assert_eq!(metric(&m, "drainproxy_phase", &[("phase", "ready")]), 1.0);
+}
