@@ -258,7 +258,9 @@ impl Default for LimitsConfig {
         LimitsConfig {
             header_read_timeout: Dur::secs(10),
             max_header_bytes: 64 * 1024,
-            idle_timeout: Dur::secs(60),
+            // Longer than the usual caller idle timeouts (ALB, ingress-nginx: 60 s), so the
+            // caller closes an idle keep-alive first and never writes into one we close.
+            idle_timeout: Dur::secs(75),
             max_connections: 20_000,
         }
     }

@@ -181,9 +181,11 @@ impl Lifecycle {
 
     fn set_phase(&self, phase: Phase, reason: &'static str) {
         let from = self.phase();
-        self.tx.send_modify(|s| {
+        self.tx.send_if_modified(|s| {
+            let changed = s.phase != phase || s.reason != reason;
             s.phase = phase;
             s.reason = reason;
+            changed
         });
         self.metrics.set_phase(phase);
         if from != phase {
@@ -191,8 +193,10 @@ impl Lifecycle {
         }
     }
 
+    /// Publishes the app's health only when it changed: every publish wakes every
+    /// connection task, and probes arrive every `health.interval`.
     fn set_health(&self, healthy: bool) {
-        self.tx.send_modify(|s| s.app_healthy = Some(healthy));
+        self.tx.send_if_modified(|s| s.app_healthy.replace(healthy) != Some(healthy));
     }
 
     /// Runs until the process should exit.

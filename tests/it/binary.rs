@@ -263,3 +263,23 @@ impl Proc {
             .unwrap_or(0)
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_carry_the_access_log_and_the_drain_report() {
+    let app = app().await;
+    let yaml = format!("{}log:\n  format: json\n  access_log: true\n", fast_drain(app.addr));
+    let mut p = Proc::start("json", &yaml);
+    p.wait_status("/ready", 200).await;
+    assert_eq!(get(p.listen, "/some/path?q=1").await.status, 200);
+    p.signal("TERM");
+    let (status, _) = p.wait_exit(Duration::from_secs(10)).expect("exits");
+    assert_eq!(status.code(), Some(0));
+    let logs = p.logs();
+    let lines: Vec<serde_json::Value> = logs.lines().map(|l| serde_json::from_str(l).expect(l)).collect();
+    let access = lines.iter().find(|v| v["path"] == "/some/path?q=1").expect("an access log line");
+    assert_eq!(access["status"], 200);
+    assert_eq!(access["method"], "GET");
+    let report = lines.iter().find(|v| v["message"].as_str().is_some_and(|m| m.starts_with("drain report"))).unwrap();
+    assert_eq!(report["outcome"], "idle");
+    assert_eq!(report["requests_after_start"], 0);
+}

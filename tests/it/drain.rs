@@ -316,3 +316,17 @@ async fn drain_metrics_measure_the_propagation_delay() {
     assert_eq!(status["phase"], "drained");
     assert_eq!(status["drain"]["requests_after_start"], 1);
 }
+
+#[tokio::test]
+async fn http2_connection_opened_during_the_drain_is_served_then_told_to_leave() {
+    let app = app().await;
+    let p = ready_proxy(app.addr, |c| c.drain.min_delay = Dur::secs(2)).await;
+    start_drain(&p).await;
+    let (mut s, conn) = h2(p.proxy_addr).await;
+    let r = read(s.send_request(h2_get(p.proxy_addr, "/")).await.unwrap()).await;
+    assert_eq!(r.status, 200, "forwarded during the drain");
+    // With no stream left open, the GOAWAY ends the connection.
+    tokio::time::timeout(Duration::from_secs(5), conn).await.expect("connection told to leave").ok();
+    let m = metrics(&p).await;
+    assert_eq!(metric(&m, "drainproxy_drain_connections_closed_total", &[("how", "goaway")]), 1.0);
+}

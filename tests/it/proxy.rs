@@ -314,3 +314,25 @@ async fn live_and_metrics_answer_with_the_contract_names() {
     assert_eq!(metric(&m, "drainproxy_requests_total", &[("code_class", "2xx"), ("phase", "ready")]), 1.0);
     assert_eq!(metric(&m, "drainproxy_phase", &[("phase", "ready")]), 1.0);
 }
+
+#[tokio::test]
+async fn pooled_app_connections_are_reused_but_not_past_the_pool_idle_timeout() {
+    let app = app().await;
+    // One health probe at start, then none during the test: only proxied requests connect.
+    let p = ready_proxy(app.addr, |c| {
+        c.health.interval = drainproxy::config::Dur::secs(30);
+        c.upstream.pool_idle_timeout = drainproxy::config::Dur::millis(150);
+    })
+    .await;
+    let conns = || app.state.connections.load(std::sync::atomic::Ordering::SeqCst);
+    let mut c = h1(p.proxy_addr).await;
+    assert_eq!(c.get("/").await.status, 200);
+    let after_first = conns();
+    for _ in 0..20 {
+        assert_eq!(c.get("/").await.status, 200);
+    }
+    assert_eq!(conns(), after_first, "back-to-back requests reuse the pooled connection");
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(c.get("/").await.status, 200);
+    assert_eq!(conns(), after_first + 1, "a connection idle past pool_idle_timeout is not reused");
+}

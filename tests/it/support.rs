@@ -37,6 +37,8 @@ pub struct Hold {
 pub struct AppState {
     pub hold: Hold,
     pub unhealthy: AtomicBool,
+    /// Connections accepted (health checks included).
+    pub connections: AtomicUsize,
     /// Requests other than health checks.
     pub requests: AtomicUsize,
     /// The last request's headers as seen by the app.
@@ -75,6 +77,7 @@ pub async fn app_on(addr: SocketAddr, state: Arc<AppState>) -> App {
         let mut conns = tokio::task::JoinSet::new();
         loop {
             let Ok((stream, _)) = listener.accept().await else { continue };
+            st.connections.fetch_add(1, Ordering::SeqCst);
             let st = st.clone();
             conns.spawn(async move {
                 let svc = service_fn(move |req| handle(req, st.clone()));
