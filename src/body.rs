@@ -26,16 +26,29 @@ use crate::upstream::Pooled;
 pub struct ConnState {
     epoch: Instant,
     active: AtomicU32,
+    /// Requests begun on this connection so far.
+    served: AtomicU32,
     /// Milliseconds from `epoch` to when the last request on this connection ended.
     last_done_ms: AtomicU64,
 }
 
 impl ConnState {
     pub fn new() -> Self {
-        ConnState { epoch: Instant::now(), active: AtomicU32::new(0), last_done_ms: AtomicU64::new(0) }
+        ConnState {
+            epoch: Instant::now(),
+            active: AtomicU32::new(0),
+            served: AtomicU32::new(0),
+            last_done_ms: AtomicU64::new(0),
+        }
     }
     pub fn active(&self) -> u32 {
         self.active.load(Relaxed)
+    }
+    /// An idle keep-alive: it has served a request and has none in flight. A connection that
+    /// has served nothing yet is not idle: its first request is on its way (`server.rs`
+    /// only builds the HTTP connection once bytes have arrived).
+    pub fn is_idle_keep_alive(&self) -> bool {
+        self.active.load(Relaxed) == 0 && self.served.load(Relaxed) > 0
     }
     /// When this connection last went idle (its start if it never served a request).
     pub fn idle_since(&self) -> Instant {
@@ -75,6 +88,7 @@ impl RequestGuard {
     pub fn start(acct: Arc<Accounting>, conn: Arc<ConnState>, phase: Phase, start: Instant) -> Self {
         acct.activity.request_started(start);
         conn.active.fetch_add(1, Relaxed);
+        conn.served.fetch_add(1, Relaxed);
         RequestGuard { acct, conn, start, phase, status: 0, access: None }
     }
 

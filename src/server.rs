@@ -273,12 +273,14 @@ async fn drive<C: Graceful>(
                     debug!("drain: GOAWAY sent");
                     told = true;
                 } else if !h2 && close_idle {
-                    // A busy connection's response already carries `Connection: close`.
-                    if conn_state.active() == 0 {
+                    // Only a keep-alive idle between requests is closed. A busy connection's
+                    // response carries `Connection: close`; so does the first response of a
+                    // connection opened during the drain, whose request is already arriving.
+                    if conn_state.is_idle_keep_alive() {
                         ctx.proxy.acct.metrics.connection_closed(CloseHow::IdleClose);
                         debug!("drain: idle keep-alive closed at min_delay");
+                        conn.as_mut().graceful();
                     }
-                    conn.as_mut().graceful();
                     told = true;
                 }
             }

@@ -330,3 +330,23 @@ async fn http2_connection_opened_during_the_drain_is_served_then_told_to_leave()
     let m = metrics(&p).await;
     assert_eq!(metric(&m, "drainproxy_drain_connections_closed_total", &[("how", "goaway")]), 1.0);
 }
+
+#[tokio::test]
+async fn a_connection_opened_after_min_delay_still_gets_its_request_forwarded() {
+    let app = app().await;
+    let p = ready_proxy(app.addr, |_| {}).await;
+    // A held request keeps the drain from releasing past min_delay.
+    let held = hold(&app, p.proxy_addr).await;
+    start_drain(&p).await;
+    let mut rx = p.state.clone();
+    rx.wait_for(|s| s.close_idle).await.unwrap();
+    for _ in 0..20 {
+        let r = get(p.proxy_addr, "/").await;
+        assert_eq!(r.status, 200, "a caller that has not converged yet is still served");
+        assert_eq!(r.headers["connection"], "close");
+    }
+    let m = metrics(&p).await;
+    assert_eq!(metric(&m, "drainproxy_drain_connections_closed_total", &[("how", "idle_close")]), 0.0);
+    app.state.hold.release.notify_one();
+    held.await.unwrap();
+}
