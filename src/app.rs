@@ -36,6 +36,20 @@ pub struct Running {
     pub activity: Arc<Activity>,
     /// Resolves when the lifecycle decides the process should end.
     pub exit: JoinHandle<Exit>,
+    /// The admin, health and signal tasks; aborted when this value is dropped.
+    pub tasks: Tasks,
+}
+
+/// Aborts the tasks it holds when dropped, so an in-process drainproxy stops completely.
+#[derive(Default)]
+pub struct Tasks(Vec<JoinHandle<()>>);
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
 }
 
 pub async fn start(cfg: Config, opts: StartOptions) -> anyhow::Result<Running> {
@@ -76,10 +90,11 @@ pub async fn start(cfg: Config, opts: StartOptions) -> anyhow::Result<Running> {
         token: cfg.drain.token.clone(),
         header_read_timeout: cfg.limits.header_read_timeout.0,
     });
-    tokio::spawn(admin::serve(admin_listener, admin, std::future::pending::<()>()));
-    tokio::spawn(crate::health::run(cfg.health.clone(), app_addr, events_tx.clone(), metrics.clone()));
+    let mut tasks = Tasks::default();
+    tasks.0.push(tokio::spawn(admin::serve(admin_listener, admin, std::future::pending::<()>())));
+    tasks.0.push(tokio::spawn(crate::health::run(cfg.health.clone(), app_addr, events_tx.clone(), metrics.clone())));
     if opts.signals {
-        spawn_signal_handlers(events_tx.clone())?;
+        tasks.0.extend(spawn_signal_handlers(events_tx.clone())?);
     }
     let life = Lifecycle::new(state_tx, events_rx, cfg.drain.clone(), activity.clone(), metrics.clone(), listener);
     let exit = tokio::spawn(life.run());
@@ -92,13 +107,14 @@ pub async fn start(cfg: Config, opts: StartOptions) -> anyhow::Result<Running> {
         version = env!("CARGO_PKG_VERSION"),
         "drainproxy started"
     );
-    Ok(Running { proxy_addr, admin_addr, state: state_rx, events: events_tx, metrics, activity, exit })
+    Ok(Running { proxy_addr, admin_addr, state: state_rx, events: events_tx, metrics, activity, exit, tasks })
 }
 
 use crate::admin;
 
-fn spawn_signal_handlers(events: mpsc::Sender<Event>) -> std::io::Result<()> {
+fn spawn_signal_handlers(events: mpsc::Sender<Event>) -> std::io::Result<Vec<JoinHandle<()>>> {
     use tokio::signal::unix::{signal, SignalKind};
+    let mut handles = Vec::new();
     for (kind, sig) in [
         (SignalKind::terminate(), Signal::Term),
         (SignalKind::interrupt(), Signal::Int),
@@ -106,16 +122,16 @@ fn spawn_signal_handlers(events: mpsc::Sender<Event>) -> std::io::Result<()> {
     ] {
         let mut stream = signal(kind)?;
         let events = events.clone();
-        tokio::spawn(async move {
+        handles.push(tokio::spawn(async move {
             while stream.recv().await.is_some() {
                 info!(signal = ?sig, "signal received");
                 if events.send(Event::Signal(sig)).await.is_err() {
                     return;
                 }
             }
-        });
+        }));
     }
-    Ok(())
+    Ok(handles)
 }
 
 /// Builds the runtime `runtime.threads` asks for and runs until exit.
@@ -127,7 +143,9 @@ pub fn run_blocking(cfg: Config) -> anyhow::Result<Exit> {
     };
     let exit = rt.block_on(async move {
         let running = start(cfg, StartOptions { signals: true }).await?;
-        running.exit.await.context("lifecycle task failed")
+        let exit = running.exit.await.context("lifecycle task failed");
+        drop(running.tasks);
+        exit
     });
     // Connection tasks still running are abandoned: the decision to exit was already made.
     rt.shutdown_timeout(std::time::Duration::from_millis(100));

@@ -34,6 +34,8 @@ pub enum Command {
     Run(ConfigArgs),
     /// Validate the configuration and exit: 0 when valid, 2 with every problem listed
     Check(ConfigArgs),
+    /// Replace a pod under load on loopback, with and without drainproxy, and report
+    Demo,
 }
 
 #[derive(Debug, Clone, Args)]

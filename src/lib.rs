@@ -7,6 +7,8 @@ pub mod app;
 pub mod body;
 pub mod cli;
 pub mod config;
+pub mod demo;
+pub mod demo_app;
 pub mod error;
 pub mod health;
 pub mod lifecycle;

@@ -18,6 +18,7 @@ fn main() -> ExitCode {
     match cli.command {
         Some(Command::Check(args)) => check(&args),
         Some(Command::Run(args)) => run(&args),
+        Some(Command::Demo) => demo(),
         None => run(&cli.run),
     }
 }
@@ -36,6 +37,29 @@ fn check(args: &ConfigArgs) -> ExitCode {
         Err(e) => {
             let _ = write!(std::io::stderr(), "{e}");
             ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+fn demo() -> ExitCode {
+    // The demo's own report is the output; proxy logs only when asked for with RUST_LOG.
+    if std::env::var_os("RUST_LOG").is_some() {
+        drainproxy::logging::init(&config::LogConfig::default());
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "drainproxy demo: {e}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    let mut out = std::io::stdout();
+    match rt.block_on(drainproxy::demo::run(&drainproxy::demo::DemoOptions::default(), &mut out)) {
+        Ok((with, _)) if with.failed() == 0 => ExitCode::SUCCESS,
+        Ok(_) => ExitCode::from(EXIT_RUNTIME),
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "drainproxy demo: {e:#}");
+            ExitCode::from(EXIT_RUNTIME)
         }
     }
 }

@@ -283,3 +283,19 @@ async fn json_logs_carry_the_access_log_and_the_drain_report() {
     assert_eq!(report["outcome"], "idle");
     assert_eq!(report["requests_after_start"], 0);
 }
+
+#[test]
+fn demo_loses_nothing_with_drainproxy_and_shows_losses_without() {
+    let start = Instant::now();
+    let out = Command::new(bin()).arg("demo").env_remove("RUST_LOG").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(start.elapsed() < Duration::from_secs(30), "the demo must finish within 30s");
+    assert!(text.contains("with drainproxy: 0 failed requests."), "{text}");
+    let failed = |row: &str| -> u64 {
+        let line = text.lines().find(|l| l.starts_with(row)).unwrap_or_else(|| panic!("no {row} row:\n{text}"));
+        line[row.len()..].split_whitespace().nth(2).unwrap().parse().unwrap()
+    };
+    assert_eq!(failed("with drainproxy "), 0, "{text}");
+    assert!(failed("without drainproxy") > 0, "the baseline must show what drainproxy prevents:\n{text}");
+}
