@@ -36,6 +36,39 @@ pub enum Command {
     Check(ConfigArgs),
     /// Replace a pod under load on loopback, with and without drainproxy, and report
     Demo,
+    /// Add drainproxy to Kubernetes manifests (Deployment, StatefulSet, DaemonSet, ReplicaSet, Pod)
+    Inject(InjectArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct InjectArgs {
+    /// Manifest file (multi-document YAML); `-` or nothing reads standard input
+    #[arg(value_name = "FILE")]
+    pub file: Option<PathBuf>,
+    /// native: an init container with restartPolicy Always (Kubernetes >= 1.29); classic: a second container
+    #[arg(long, value_parser = ["native", "classic"], default_value = "native")]
+    pub mode: String,
+    /// Replace an existing preStop hook on the app container (otherwise it is kept, with a warning)
+    #[arg(long)]
+    pub force: bool,
+    /// Print what would change, not the manifests
+    #[arg(long)]
+    pub dry_run: bool,
+    /// The app container (default: the first container)
+    #[arg(long, value_name = "NAME")]
+    pub container: Option<String>,
+    /// The app's serving port (default: its first containerPort)
+    #[arg(long, value_name = "PORT")]
+    pub port: Option<u16>,
+    /// drainproxy image
+    #[arg(long, value_name = "IMAGE")]
+    pub image: Option<String>,
+    #[arg(long, default_value = "5s", value_name = "DURATION")]
+    pub min_delay: String,
+    #[arg(long, default_value = "1s", value_name = "DURATION")]
+    pub quiet_period: String,
+    #[arg(long, default_value = "25s", value_name = "DURATION")]
+    pub max_duration: String,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -11,6 +11,7 @@ pub mod demo;
 pub mod demo_app;
 pub mod error;
 pub mod health;
+pub mod inject;
 pub mod lifecycle;
 pub mod logging;
 pub mod metrics;

@@ -6,7 +6,7 @@
 //! Connections react to the published state (`server.rs`).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
@@ -395,27 +395,26 @@ impl Lifecycle {
             }
         });
         self.set_phase(Phase::Drained, release_reason(outcome));
-        let log_ms = |d: Option<Duration>| d.map_or(-1, |d| d.as_millis() as i64);
-        if outcome == Outcome::Forced {
-            warn!(
-                trigger = trigger.as_str(),
-                outcome = outcome_str,
-                duration_ms = duration.as_millis() as u64,
-                requests_after_start = requests,
-                last_request_ms = log_ms(last_request),
-                inflight_at_release = inflight,
-                "drain report: forced release at max_duration with requests in flight"
-            );
-        } else {
-            info!(
-                trigger = trigger.as_str(),
-                outcome = outcome_str,
-                duration_ms = duration.as_millis() as u64,
-                requests_after_start = requests,
-                last_request_ms = log_ms(last_request),
-                inflight_at_release = inflight,
-                "drain report: released on measured idleness"
-            );
+        let last_request_ms = last_request.map_or(-1, |d| d.as_millis() as i64);
+        // One line per drain with everything measured; a forced release is a warning.
+        macro_rules! drain_report {
+            ($level:ident, $message:literal) => {
+                $level!(
+                    trigger = trigger.as_str(),
+                    outcome = outcome_str,
+                    duration_ms = duration.as_millis() as u64,
+                    requests_after_start = requests,
+                    last_request_ms,
+                    inflight_at_release = inflight,
+                    $message
+                )
+            };
+        }
+        match outcome {
+            Outcome::Forced => {
+                drain_report!(warn, "drain report: forced release at max_duration with requests in flight")
+            }
+            Outcome::Idle => drain_report!(info, "drain report: released on measured idleness"),
         }
         None
     }

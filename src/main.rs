@@ -5,7 +5,7 @@ use std::io::Write as _;
 use std::process::ExitCode;
 
 use clap::Parser as _;
-use drainproxy::cli::{Cli, Command, ConfigArgs};
+use drainproxy::cli::{Cli, Command, ConfigArgs, InjectArgs};
 use drainproxy::config::{self, Config, ConfigError};
 use drainproxy::lifecycle::Exit;
 
@@ -19,6 +19,7 @@ fn main() -> ExitCode {
         Some(Command::Check(args)) => check(&args),
         Some(Command::Run(args)) => run(&args),
         Some(Command::Demo) => demo(),
+        Some(Command::Inject(args)) => inject(&args),
         None => run(&cli.run),
     }
 }
@@ -38,6 +39,67 @@ fn check(args: &ConfigArgs) -> ExitCode {
             let _ = write!(std::io::stderr(), "{e}");
             ExitCode::from(EXIT_CONFIG)
         }
+    }
+}
+
+fn inject(args: &InjectArgs) -> ExitCode {
+    use drainproxy::inject::{InjectOptions, Mode};
+    use std::io::Read as _;
+    let fail = |msg: String| {
+        let _ = writeln!(std::io::stderr(), "drainproxy inject: {msg}");
+        ExitCode::from(EXIT_CONFIG)
+    };
+    let duration = |flag: &str, v: &str| config::parse_duration(v).map(config::Dur).map_err(|e| format!("{flag}: {e}"));
+    let opts = match (|| -> Result<InjectOptions, String> {
+        let mut o = InjectOptions {
+            mode: if args.mode == "classic" { Mode::Classic } else { Mode::Native },
+            force: args.force,
+            container: args.container.clone(),
+            port: args.port,
+            min_delay: duration("--min-delay", &args.min_delay)?,
+            quiet_period: duration("--quiet-period", &args.quiet_period)?,
+            max_duration: duration("--max-duration", &args.max_duration)?,
+            ..InjectOptions::default()
+        };
+        if let Some(image) = &args.image {
+            o.image = image.clone();
+        }
+        if o.min_delay >= o.max_duration {
+            return Err("--min-delay must be less than --max-duration".into());
+        }
+        Ok(o)
+    })() {
+        Ok(o) => o,
+        Err(e) => return fail(e),
+    };
+    let mut input = String::new();
+    let read = match args.file.as_deref() {
+        None => std::io::stdin().read_to_string(&mut input).map(|_| ()),
+        Some(p) if p.as_os_str() == "-" => std::io::stdin().read_to_string(&mut input).map(|_| ()),
+        Some(p) => std::fs::read_to_string(p).map(|s| input = s),
+    };
+    if let Err(e) = read {
+        return fail(format!("cannot read the manifests: {e}"));
+    }
+    match drainproxy::inject::inject(&input, &opts) {
+        Ok(done) => {
+            if args.dry_run {
+                let mut out = std::io::stdout();
+                for note in &done.notes {
+                    let _ = writeln!(out, "{note}");
+                }
+                if done.notes.is_empty() {
+                    let _ = writeln!(out, "nothing to change: no workload found");
+                }
+            } else {
+                for note in done.notes.iter().filter(|n| n.level == drainproxy::inject::Level::Warning) {
+                    let _ = writeln!(std::io::stderr(), "{note}");
+                }
+                let _ = write!(std::io::stdout(), "{}", done.output);
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e.to_string()),
     }
 }
 

@@ -113,37 +113,25 @@ impl Load {
                 }
             })));
         }
-        if cfg.post_rps > 0 {
-            let every = Duration::from_secs_f64(1.0 / f64::from(cfg.post_rps));
-            tasks.push(tokio::spawn(paced(stop.clone(), every, Duration::ZERO, {
-                let (stats, target, outstanding) = (stats.clone(), cfg.target, outstanding.clone());
-                move || {
-                    let (stats, outstanding) = (stats.clone(), outstanding.clone());
-                    async move {
-                        outstanding.fetch_add(1, Relaxed);
-                        tokio::spawn(async move {
-                            stats.record(1, post_once(target).await);
-                            outstanding.fetch_sub(1, Relaxed);
-                        });
-                    }
-                }
-            })));
-        }
-        if cfg.slow_rps > 0 {
-            let every = Duration::from_secs_f64(1.0 / f64::from(cfg.slow_rps));
-            let ms = cfg.slow_ms;
-            tasks.push(tokio::spawn(paced(stop.clone(), every, Duration::ZERO, {
-                let (stats, target, outstanding) = (stats.clone(), cfg.target, outstanding.clone());
-                move || {
-                    let (stats, outstanding) = (stats.clone(), outstanding.clone());
-                    async move {
-                        outstanding.fetch_add(1, Relaxed);
-                        tokio::spawn(async move {
-                            stats.record(2, slow_once(target, ms).await);
-                            outstanding.fetch_sub(1, Relaxed);
-                        });
-                    }
-                }
+        // POSTs and slow requests each run in their own task at a fixed start rate, counted
+        // in `outstanding` so that `stop` can wait for them.
+        let target = cfg.target;
+        let slow_ms = cfg.slow_ms;
+        for (kind, rps) in [(1usize, cfg.post_rps), (2, cfg.slow_rps)] {
+            if rps == 0 {
+                continue;
+            }
+            let every = Duration::from_secs_f64(1.0 / f64::from(rps));
+            let (stats, outstanding) = (stats.clone(), outstanding.clone());
+            tasks.push(tokio::spawn(paced(stop.clone(), every, Duration::ZERO, move || {
+                let (stats, outstanding) = (stats.clone(), outstanding.clone());
+                outstanding.fetch_add(1, Relaxed);
+                tokio::spawn(async move {
+                    let result = if kind == 1 { post_once(target).await } else { slow_once(target, slow_ms).await };
+                    stats.record(kind, result);
+                    outstanding.fetch_sub(1, Relaxed);
+                });
+                std::future::ready(())
             })));
         }
         for i in 0..cfg.websockets {

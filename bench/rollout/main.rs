@@ -77,6 +77,9 @@ struct Args {
     /// terminationGracePeriodSeconds
     #[arg(long, default_value = "30s")]
     grace: String,
+    /// minReadySeconds: how long the rollout waits after a new pod is ready before the next step
+    #[arg(long, default_value = "1s")]
+    min_ready: String,
     /// drainproxy's drain.min_delay (default: the lag's maximum plus 1.5s)
     #[arg(long)]
     min_delay: Option<String>,
@@ -215,6 +218,7 @@ async fn run(mut args: Args) -> anyhow::Result<()> {
         args.slow_ms = 1500;
         args.websockets = 2;
         args.ws_lifetime = "2s".into();
+        args.min_ready = "300ms".into();
         args.scale_down = "none".into();
         args.no_control = true;
     }
@@ -420,8 +424,7 @@ async fn run_scenario(ctx: &Arc<Ctx>, sc: Scenario, out: &std::path::Path) -> an
                 } else {
                     deleting.push(delete(old));
                 }
-                // minReadySeconds
-                tokio::time::sleep(Duration::from_millis(300)).await;
+                tokio::time::sleep(dur(&a.min_ready)?).await;
             }
         }
         Pattern::ScaleDown(_, to) => {
@@ -465,10 +468,11 @@ fn report(ctx: &Ctx, outcomes: &[Outcome], started: &str) -> String {
     let _ = writeln!(s, "# Rollout results\n");
     let _ = writeln!(
         s,
-        "{started}; {} replicas, {} replacements per rollout, propagation lag {:?}-{:?}, drainproxy min_delay {:?}; \
+        "{started}; {} replicas, {} replacements per rollout, minReadySeconds {}, propagation lag {:?}-{:?}, drainproxy min_delay {:?}; \
          load: {} keep-alive GET/s on {} connections, {} POST/s, {} slow ({} ms)/s, {} WebSockets.\n",
         a.replicas,
         a.replacements,
+        a.min_ready,
         ctx.lag.0,
         ctx.lag.1,
         ctx.env.min_delay,

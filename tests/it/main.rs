@@ -2,7 +2,9 @@
 #![expect(clippy::unwrap_used, reason = "test set-up fails loudly; a panic is the report")]
 
 mod binary;
+mod deploy;
 mod drain;
+mod inject;
 mod peers;
 mod proxy;
 mod support;
