@@ -44,6 +44,12 @@ struct Args {
     kinds: String,
     #[arg(long, default_value_t = 4)]
     replicas: usize,
+    /// Deployment strategy: pods above `replicas` allowed during a rollout
+    #[arg(long, default_value_t = 1)]
+    max_surge: usize,
+    /// Deployment strategy: pods below `replicas` allowed during a rollout
+    #[arg(long, default_value_t = 0)]
+    max_unavailable: usize,
     /// Pod replacements per rollout scenario
     #[arg(long, default_value_t = 20)]
     replacements: usize,
@@ -226,6 +232,9 @@ async fn run(mut args: Args) -> anyhow::Result<()> {
     let lag = (dur(lo)?, dur(hi)?);
     if lag.0 > lag.1 {
         bail!("--lag: MIN must not exceed MAX");
+    }
+    if args.max_surge == 0 && args.max_unavailable == 0 {
+        bail!("--max-surge and --max-unavailable cannot both be 0 (Kubernetes refuses it too)");
     }
     let min_delay = match &args.min_delay {
         Some(s) => dur(s)?,
@@ -411,20 +420,45 @@ async fn run_scenario(ctx: &Arc<Ctx>, sc: Scenario, out: &std::path::Path) -> an
     };
     match sc.pattern {
         Pattern::Rollout | Pattern::Control => {
-            for _ in 0..a.replacements {
-                // maxSurge 1, maxUnavailable 0: a new pod first, the old one once it is ready.
-                let new = ctx.new_pod(sc.kind).await?;
-                endpoints.add(new.serving());
-                pods.push(new);
-                let old = pods.remove(0);
-                marks.push(t0.elapsed());
-                if sc.pattern == Pattern::Control {
-                    endpoints.remove(old.serving());
-                    kept.push(old);
-                } else {
-                    deleting.push(delete(old));
+            // The Deployment controller: `replacements` old pods are replaced by new ones, never
+            // more than replicas + maxSurge pods and never fewer than replicas - maxUnavailable
+            // ready ones; it waits minReadySeconds after each new pod is ready.
+            let mut to_replace = a.replacements;
+            let mut fresh = 0usize;
+            while to_replace > 0 {
+                let mut progressed = false;
+                while pods.len() < a.replicas + a.max_surge && fresh < to_replace {
+                    let new = ctx.new_pod(sc.kind).await?;
+                    endpoints.add(new.serving());
+                    pods.push(new);
+                    fresh += 1;
+                    progressed = true;
+                    tokio::time::sleep(dur(&a.min_ready)?).await;
                 }
-                tokio::time::sleep(dur(&a.min_ready)?).await;
+                while pods.len() > a.replicas.saturating_sub(a.max_unavailable) && pods.len() > fresh && to_replace > 0
+                {
+                    let old = pods.remove(0);
+                    to_replace -= 1;
+                    marks.push(t0.elapsed());
+                    if sc.pattern == Pattern::Control {
+                        endpoints.remove(old.serving());
+                        kept.push(old);
+                    } else {
+                        deleting.push(delete(old));
+                    }
+                    progressed = true;
+                }
+                if fresh >= pods.len() {
+                    // Every running pod is new: this wave is done; the next starts from them.
+                    fresh = 0;
+                }
+                if !progressed {
+                    bail!(
+                        "rollout cannot progress with maxSurge {} and maxUnavailable {}",
+                        a.max_surge,
+                        a.max_unavailable
+                    );
+                }
             }
         }
         Pattern::ScaleDown(_, to) => {
@@ -468,9 +502,11 @@ fn report(ctx: &Ctx, outcomes: &[Outcome], started: &str) -> String {
     let _ = writeln!(s, "# Rollout results\n");
     let _ = writeln!(
         s,
-        "{started}; {} replicas, {} replacements per rollout, minReadySeconds {}, propagation lag {:?}-{:?}, drainproxy min_delay {:?}; \
+        "{started}; {} replicas (maxSurge {}, maxUnavailable {}), {} replacements per rollout, minReadySeconds {}, propagation lag {:?}-{:?}, drainproxy min_delay {:?}; \
          load: {} keep-alive GET/s on {} connections, {} POST/s, {} slow ({} ms)/s, {} WebSockets.\n",
         a.replicas,
+        a.max_surge,
+        a.max_unavailable,
         a.replacements,
         a.min_ready,
         ctx.lag.0,
