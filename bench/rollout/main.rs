@@ -423,22 +423,26 @@ async fn run_scenario(ctx: &Arc<Ctx>, sc: Scenario, out: &std::path::Path) -> an
             // The Deployment controller: `replacements` old pods are replaced by new ones, never
             // more than replicas + maxSurge pods and never fewer than replicas - maxUnavailable
             // ready ones; it waits minReadySeconds after each new pod is ready.
-            let mut to_replace = a.replacements;
-            let mut fresh = 0usize;
-            while to_replace > 0 {
+            // `fresh`: new pods of the current wave (the newest entries of `pods`); once every
+            // running pod is new, the next wave replaces them in turn.
+            let (mut created, mut deleted, mut fresh) = (0usize, 0usize, 0usize);
+            while deleted < a.replacements {
                 let mut progressed = false;
-                while pods.len() < a.replicas + a.max_surge && fresh < to_replace {
+                while pods.len() < a.replicas + a.max_surge && created < a.replacements {
                     let new = ctx.new_pod(sc.kind).await?;
                     endpoints.add(new.serving());
                     pods.push(new);
+                    created += 1;
                     fresh += 1;
                     progressed = true;
                     tokio::time::sleep(dur(&a.min_ready)?).await;
                 }
-                while pods.len() > a.replicas.saturating_sub(a.max_unavailable) && pods.len() > fresh && to_replace > 0
+                while pods.len() > a.replicas.saturating_sub(a.max_unavailable)
+                    && pods.len() > fresh
+                    && deleted < a.replacements
                 {
                     let old = pods.remove(0);
-                    to_replace -= 1;
+                    deleted += 1;
                     marks.push(t0.elapsed());
                     if sc.pattern == Pattern::Control {
                         endpoints.remove(old.serving());
@@ -449,8 +453,8 @@ async fn run_scenario(ctx: &Arc<Ctx>, sc: Scenario, out: &std::path::Path) -> an
                     progressed = true;
                 }
                 if fresh >= pods.len() {
-                    // Every running pod is new: this wave is done; the next starts from them.
                     fresh = 0;
+                    progressed = true;
                 }
                 if !progressed {
                     bail!(
