@@ -102,6 +102,8 @@ class Stack:
     def __init__(self, tmp: Path, drainproxy: Path):
         self.tmp = tmp
         self.procs = {}
+        # nginx workers run as an unprivileged user: they must be able to read and write here.
+        os.chmod(tmp, 0o755)
         www = tmp / "www"
         www.mkdir()
         for name, size in (("0", 0), ("1k", 1024), ("16k", 16384), ("1m", 1 << 20)):
@@ -110,14 +112,14 @@ class Stack:
                   "events {{ worker_connections 16384; }}\n")
         temp = " ".join(f"{k}_temp_path {{d}};" for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
         app = tmp / "app"
-        app.mkdir()
+        app.mkdir(mode=0o777)
         (app / "nginx.conf").write_text((common + "http {{ access_log off; keepalive_requests 1000000; " + temp +
             " server {{ listen 127.0.0.1:{a}; listen 127.0.0.1:{h} http2; root {w};"
             " location = /post {{ return 200; }} }} }}\n").format(d=app, a=APP, h=APP_H2, w=www))
         side = tmp / "nginx"
-        side.mkdir()
+        side.mkdir(mode=0o777)
         (side / "nginx.conf").write_text((common + "http {{ access_log off; keepalive_requests 1000000; " + temp +
-            " upstream app {{ server 127.0.0.1:{a}; keepalive 64; }}"
+            " client_body_buffer_size 64k; upstream app {{ server 127.0.0.1:{a}; keepalive 64; }}"
             " server {{ listen 127.0.0.1:{p}; listen 127.0.0.1:{h} http2;"
             " location / {{ proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }} }}\n")
             .format(d=side, a=APP, p=PORTS["nginx"][0], h=PORTS["nginx"][1]))
@@ -276,11 +278,12 @@ def render(results, errors, memory, args):
         rps = {t: med([r for r, _ in results.get((w, t), [])]) for t in PORTS}
         us = {t: med([u for _, u in results.get((w, t), [])]) for t in PORTS}
         best = max(rps[p] for p in PEERS)
-        best_cpu = min(us[p] for p in PEERS if us[p] is not None)
+        peer_cpu = [us[p] for p in PEERS if us[p] is not None]
+        best_cpu = min(peer_cpu) if peer_cpu else None
         fmt = lambda v, d=0: "-" if v is None else f"{v:,.{d}f}"
         lines.append(f"| {w} | {fmt(rps['direct'])} | {fmt(rps['drainproxy'])} | {fmt(rps['nginx'])} | {fmt(rps['haproxy'])} | "
                      f"**{rps['drainproxy'] / best:.2f}×** | {fmt(us['drainproxy'], 1)} | {fmt(us['nginx'], 1)} | {fmt(us['haproxy'], 1)} | "
-                     f"{us['drainproxy'] / best_cpu:.2f} |")
+                     f"{fmt(us['drainproxy'] / best_cpu if best_cpu and us['drainproxy'] else None, 2)} |")
     lines += ["", "Memory (RSS, KiB):", "", "| proxy | " + " | ".join(next(iter(memory.values())).keys()) + " |",
               "|---|" + "---|" * len(next(iter(memory.values()))) ]
     for t, row in memory.items():
