@@ -248,7 +248,9 @@ impl Default for UpstreamConfig {
             connect_timeout: Dur::secs(1),
             request_timeout: None,
             pool_idle_timeout: Dur::secs(4),
-            pool_max_idle: 64,
+            // Enough for every request in flight at once to find a warm connection: a small
+            // cap makes every request beyond it pay a connect (HTTP/2 callers multiplex many).
+            pool_max_idle: 1024,
         }
     }
 }

@@ -3,7 +3,8 @@
 
 The app (nginx serving static files, one worker) and the proxy under test share CPU 1, as in
 a one-core pod; the load generator (wrk or h2load) runs alone on CPU 0. Every proxy is an
-equivalent sidecar: one worker/thread, HTTP/1.1 keep-alive to the app. Runs are interleaved
+equivalent sidecar: one worker/thread, HTTP/1.1 keep-alive to the app (up to 1024 idle
+connections for drainproxy and nginx; HAProxy with http-reuse always). Runs are interleaved
 (target by target within each repetition) and medians reported, with ratios to the better of
 nginx and HAProxy. Only loopback addresses are used.
 
@@ -119,7 +120,7 @@ class Stack:
         side = tmp / "nginx"
         side.mkdir(mode=0o777)
         (side / "nginx.conf").write_text((common + "http {{ access_log off; keepalive_requests 1000000; " + temp +
-            " client_body_buffer_size 64k; upstream app {{ server 127.0.0.1:{a}; keepalive 64; }}"
+            " client_body_buffer_size 64k; upstream app {{ server 127.0.0.1:{a}; keepalive 1024; }}"
             " server {{ listen 127.0.0.1:{p}; listen 127.0.0.1:{h} http2;"
             " location / {{ proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }} }}\n")
             .format(d=side, a=APP, p=PORTS["nginx"][0], h=PORTS["nginx"][1]))
@@ -216,6 +217,8 @@ def main():
         subprocess.run(["cargo", "build", "--release", "--bin", "drainproxy"], cwd=ROOT, check=True)
     tmp = Path(tempfile.mkdtemp(prefix="drainproxy-bench-"))
     stack = Stack(tmp, drainproxy)
+    time.sleep(0.5)
+    idle_at_start = {t: rss_kib(stack.pids(t)) for t in ("drainproxy", "nginx", "haproxy")}
     results = {}  # (workload, target) -> list of (rps, cpu_us_per_req)
     errors = {}
     try:
@@ -234,7 +237,7 @@ def main():
                           + (f" {us:6.1f} us/req" if us else "") + (f"  {errs} errors" if errs else ""), flush=True)
         memory = {}
         for target in ("drainproxy", "nginx", "haproxy"):
-            row = {"idle": rss_kib(stack.pids(target))}
+            row = {"idle (at start)": idle_at_start[target], "after the load runs": rss_kib(stack.pids(target))}
             if not args.quick:
                 row["1k idle conns"] = idle_rss(stack, target, 1000)
                 row["10k idle conns"] = idle_rss(stack, target, 8000 if target == "haproxy" else 10000)
