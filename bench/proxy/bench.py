@@ -305,9 +305,9 @@ def chart(results):
         best = max(rps[p] for p in PEERS)
         rows.append((w, {t: rps[t] / best for t in ("drainproxy", "nginx", "haproxy")}))
     colors = {"drainproxy": "#1a7f37", "nginx": "#999", "haproxy": "#555"}
-    w, bar, left = 760, 10, 220
+    w, bar, left = 860, 10, 220
     h = 40 + len(rows) * 44
-    scale = (w - left - 60) / max(max(v.values()) for _, v in rows)
+    scale = (w - left - 160) / max(max(v.values()) for _, v in rows)
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">',
            '<rect width="100%" height="100%" fill="white"/>',
            '<text x="10" y="18" font-size="14">Throughput relative to the better of nginx and HAProxy (1.0 = the better peer)</text>']
