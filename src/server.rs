@@ -22,13 +22,12 @@ use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::{oneshot, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::body::ConnState;
 use crate::config::LimitsConfig;
-use crate::lifecycle::State;
 use crate::metrics::CloseHow;
 use crate::proxy::{Proxy, ProxyService};
 
@@ -202,14 +201,13 @@ async fn serve_proxy_conn(
     let _open = acct.activity.connection_opened(h2);
     let conn_state = Arc::new(ConnState::new());
     let svc = ProxyService::new(ctx.proxy.clone(), conn_state.clone(), peer, h2);
-    let state = ctx.proxy.state.clone();
     let io = TokioIo::new(io);
     if h2 {
         let conn = ctx.h2.serve_connection(io, svc);
-        drive(conn, true, &conn_state, state, ctx.idle_timeout, &ctx).await;
+        drive(conn, true, &conn_state, &ctx).await;
     } else {
         let conn = ctx.h1.serve_connection(io, svc).with_upgrades();
-        drive(conn, false, &conn_state, state, ctx.idle_timeout, &ctx).await;
+        drive(conn, false, &conn_state, &ctx).await;
     }
 }
 
@@ -233,14 +231,9 @@ impl Graceful for http2::Connection<Io, ProxyService, TokioExecutor> {
 }
 
 /// Polls a connection to completion while applying the idle timeout and the drain.
-async fn drive<C: Graceful>(
-    conn: C,
-    h2: bool,
-    conn_state: &ConnState,
-    mut state: watch::Receiver<State>,
-    idle_timeout: Duration,
-    ctx: &ConnCtx,
-) {
+async fn drive<C: Graceful>(conn: C, h2: bool, conn_state: &ConnState, ctx: &ConnCtx) {
+    let idle_timeout = ctx.idle_timeout;
+    let mut state = ctx.proxy.state.clone();
     tokio::pin!(conn);
     // Evaluate the current state at once: a connection opened during a drain is told to
     // leave like the others.

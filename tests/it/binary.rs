@@ -65,12 +65,7 @@ impl Proc {
     }
 
     fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0)
+        Proc::rss_of(self.child.id())
     }
 
     /// Polls an admin path until it returns `want` (the child's readiness is the signal).
