@@ -91,6 +91,7 @@ pub async fn start(cfg: Config, opts: StartOptions) -> anyhow::Result<Running> {
         header_read_timeout: cfg.limits.header_read_timeout.0,
     });
     let mut tasks = Tasks::default();
+    tasks.0.push(upstream.spawn_reaper());
     tasks.0.push(tokio::spawn(admin::serve(admin_listener, admin, std::future::pending::<()>())));
     tasks.0.push(tokio::spawn(crate::health::run(cfg.health.clone(), app_addr, events_tx.clone(), metrics.clone())));
     if opts.signals {

@@ -7,6 +7,7 @@ pub mod app;
 pub mod body;
 pub mod cli;
 pub mod config;
+pub mod cork;
 pub mod demo;
 pub mod demo_app;
 pub mod error;

@@ -28,6 +28,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::body::ConnState;
 use crate::config::LimitsConfig;
+use crate::cork::Corked;
 use crate::metrics::CloseHow;
 use crate::proxy::{Proxy, ProxyService};
 
@@ -201,12 +202,13 @@ async fn serve_proxy_conn(
     let _open = acct.activity.connection_opened(h2);
     let conn_state = Arc::new(ConnState::new());
     let svc = ProxyService::new(ctx.proxy.clone(), conn_state.clone(), peer, h2);
-    let io = TokioIo::new(io);
     if h2 {
-        let conn = ctx.h2.serve_connection(io, svc);
-        drive(conn, true, &conn_state, &ctx).await;
+        let conn = ctx.h2.serve_connection(TokioIo::new(Corked::new(io)), svc);
+        // Boxed: an HTTP/2 connection's state is twice an HTTP/1.1 one's, and every task is
+        // as large as its largest branch (idle HTTP/1.1 connections are the many).
+        Box::pin(drive(conn, true, &conn_state, &ctx)).await;
     } else {
-        let conn = ctx.h1.serve_connection(io, svc).with_upgrades();
+        let conn = ctx.h1.serve_connection(TokioIo::new(io), svc).with_upgrades();
         drive(conn, false, &conn_state, &ctx).await;
     }
 }
@@ -216,15 +218,13 @@ trait Graceful: Future<Output = hyper::Result<()>> {
     fn graceful(self: Pin<&mut Self>);
 }
 
-type Io = TokioIo<Prefixed>;
-
-impl Graceful for http1::UpgradeableConnection<Io, ProxyService> {
+impl Graceful for http1::UpgradeableConnection<TokioIo<Prefixed>, ProxyService> {
     fn graceful(self: Pin<&mut Self>) {
         self.graceful_shutdown();
     }
 }
 
-impl Graceful for http2::Connection<Io, ProxyService, TokioExecutor> {
+impl Graceful for http2::Connection<TokioIo<Corked<Prefixed>>, ProxyService, TokioExecutor> {
     fn graceful(self: Pin<&mut Self>) {
         self.graceful_shutdown();
     }
@@ -356,5 +356,30 @@ impl AsyncWrite for Prefixed {
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each client connection is one task as large as its future; idle HTTP/1.1 connections
+    /// are the many, so the HTTP/2 branch (twice the size) must not set that size.
+    #[tokio::test]
+    async fn a_connection_task_is_sized_for_http1_not_http2() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let cfg = crate::config::Config::default();
+        let acct = Arc::new(crate::body::Accounting {
+            metrics: Arc::new(crate::metrics::Metrics::new()),
+            activity: Arc::new(crate::activity::Activity::new()),
+        });
+        let (_tx, state) = crate::lifecycle::channel();
+        let upstream = Arc::new(crate::upstream::Upstream::new(&cfg.upstream, addr));
+        let proxy = Arc::new(Proxy::new(acct, state, upstream, Duration::from_secs(1), false));
+        let ctx = Arc::new(ConnCtx::new(proxy, &cfg.limits));
+        let task = std::mem::size_of_val(&serve_proxy_conn(ctx, stream, addr, None));
+        let h2 = std::mem::size_of::<http2::Connection<TokioIo<Corked<Prefixed>>, ProxyService, TokioExecutor>>();
+        assert!(task < h2 + 1024, "connection task {task} bytes (an HTTP/2 connection alone is {h2})");
     }
 }

@@ -7,7 +7,8 @@
 //!
 //! The pool never hands out a connection idle for longer than `pool_idle_timeout`, which
 //! defaults below common app keep-alive timeouts, so the proxy does not write into a
-//! connection the app is closing.
+//! connection the app is closing; and a reaper closes such connections once they expire, so
+//! the connections (and buffers) a burst opened do not outlive it.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -223,6 +224,32 @@ impl Upstream {
         if idle.len() < self.max_idle {
             idle.push(Idle { sender, since: Instant::now() });
         }
+    }
+
+    /// Closes pooled connections idle for longer than `pool_idle_timeout`, checking every half
+    /// of it, until the upstream is dropped.
+    pub fn spawn_reaper(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let weak = Arc::downgrade(self);
+        let every = (self.idle_timeout / 2).max(Duration::from_millis(10));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(me) = weak.upgrade() else { return };
+                let expired = {
+                    let mut idle = me.idle.lock().unwrap_or_else(|p| p.into_inner());
+                    let now = Instant::now();
+                    let before = idle.len();
+                    // Dropping a sender closes its connection (its task ends and frees it).
+                    idle.retain(|c| !c.sender.is_closed() && now.saturating_duration_since(c.since) < me.idle_timeout);
+                    before - idle.len()
+                };
+                if expired > 0 {
+                    debug!(expired, "closed idle app connections past upstream.pool_idle_timeout");
+                }
+            }
+        })
     }
 
     /// Idle pooled connections (for tests and `/status`).

@@ -336,3 +336,21 @@ async fn pooled_app_connections_are_reused_but_not_past_the_pool_idle_timeout() 
     assert_eq!(c.get("/").await.status, 200);
     assert_eq!(conns(), after_first + 1, "a connection idle past pool_idle_timeout is not reused");
 }
+
+#[tokio::test]
+async fn pooled_app_connections_are_closed_once_idle_past_the_pool_idle_timeout() {
+    let app = app().await;
+    let p = ready_proxy(app.addr, |c| {
+        c.health.interval = drainproxy::config::Dur::secs(30);
+        c.upstream.pool_idle_timeout = drainproxy::config::Dur::millis(200);
+    })
+    .await;
+    let mut c = h1(p.proxy_addr).await;
+    assert_eq!(c.get("/").await.status, 200);
+    // No further request: the reaper, not a checkout, must close the pooled connection, so
+    // that a burst's connections and buffers do not outlive it.
+    assert!(
+        app.state.all_connections_closed(std::time::Duration::from_secs(5)).await,
+        "the idle pooled connection was never closed"
+    );
+}

@@ -39,6 +39,9 @@ pub struct AppState {
     pub unhealthy: AtomicBool,
     /// Connections accepted (health checks included).
     pub connections: AtomicUsize,
+    /// Connections ended, and a signal each time one ends.
+    pub closed: AtomicUsize,
+    pub closed_signal: tokio::sync::Notify,
     /// Requests other than health checks.
     pub requests: AtomicUsize,
     /// The last request's headers as seen by the app.
@@ -79,15 +82,35 @@ pub async fn app_on(addr: SocketAddr, state: Arc<AppState>) -> App {
             let Ok((stream, _)) = listener.accept().await else { continue };
             st.connections.fetch_add(1, Ordering::SeqCst);
             let st = st.clone();
+            let st2 = st.clone();
             conns.spawn(async move {
                 let svc = service_fn(move |req| handle(req, st.clone()));
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection_with_upgrades(TokioIo::new(stream), svc)
                     .await;
+                st2.closed.fetch_add(1, Ordering::SeqCst);
+                st2.closed_signal.notify_waiters();
             });
         }
     });
     App { addr, state, task }
+}
+
+impl AppState {
+    /// Waits until every connection the app accepted has ended (false after `limit`).
+    pub async fn all_connections_closed(&self, limit: Duration) -> bool {
+        tokio::time::timeout(limit, async {
+            loop {
+                let ended = self.closed_signal.notified();
+                if self.closed.load(Ordering::SeqCst) == self.connections.load(Ordering::SeqCst) {
+                    return;
+                }
+                ended.await;
+            }
+        })
+        .await
+        .is_ok()
+    }
 }
 
 async fn bind_retry(addr: SocketAddr) -> TcpListener {
