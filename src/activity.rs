@@ -14,6 +14,10 @@ pub struct Activity {
     /// One plus the nanoseconds from `epoch` to the newest request head; 0 before the first.
     last_request: AtomicU64,
     conns: [AtomicUsize; 2],
+    /// HTTP/1.1 connections parked (idle, held without their HTTP state), and a signal each
+    /// time one is parked.
+    parked: AtomicUsize,
+    parked_signal: Notify,
     /// Woken when in-flight drops to zero.
     idle: Notify,
 }
@@ -25,6 +29,8 @@ impl Activity {
             inflight: AtomicUsize::new(0),
             last_request: AtomicU64::new(0),
             conns: [AtomicUsize::new(0), AtomicUsize::new(0)],
+            parked: AtomicUsize::new(0),
+            parked_signal: Notify::new(),
             idle: Notify::new(),
         }
     }
@@ -73,6 +79,40 @@ impl Activity {
 
     pub fn connections(&self) -> [usize; 2] {
         [self.conns[0].load(Relaxed), self.conns[1].load(Relaxed)]
+    }
+
+    /// Counts a connection as parked until the returned value is dropped.
+    pub fn connection_parked(&self) -> ParkedCount<'_> {
+        self.parked.fetch_add(1, SeqCst);
+        self.parked_signal.notify_waiters();
+        ParkedCount { activity: self }
+    }
+
+    /// HTTP/1.1 connections parked now (a subset of the open ones).
+    pub fn parked(&self) -> usize {
+        self.parked.load(SeqCst)
+    }
+
+    /// Resolves once at least `n` connections are parked.
+    pub async fn wait_parked(&self, n: usize) {
+        loop {
+            let signal = self.parked_signal.notified();
+            if self.parked() >= n {
+                return;
+            }
+            signal.await;
+        }
+    }
+}
+
+/// Decrements the parked count when dropped.
+pub struct ParkedCount<'a> {
+    activity: &'a Activity,
+}
+
+impl Drop for ParkedCount<'_> {
+    fn drop(&mut self) {
+        self.activity.parked.fetch_sub(1, SeqCst);
     }
 }
 

@@ -162,7 +162,7 @@ impl Admin {
             "reason": s.reason,
             "app_healthy": s.app_healthy,
             "inflight": a.inflight(),
-            "connections": { "http1": h1, "http2": h2 },
+            "connections": { "http1": h1, "http2": h2, "http1_parked": a.parked() },
             "upstream": {
                 "address": self.upstream.addr().to_string(),
                 "protocol": self.upstream.protocol(),

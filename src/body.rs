@@ -8,7 +8,7 @@
 //! buffering, and hands the upstream connection back to the pool only after its last frame.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -30,6 +30,11 @@ pub struct ConnState {
     served: AtomicU32,
     /// Milliseconds from `epoch` to when the last request on this connection ended.
     last_done_ms: AtomicU64,
+    /// The last request's body has not been seen to its end (the connection may be
+    /// mid-message, so it must not be parked).
+    body_open: AtomicBool,
+    /// The connection is being parked: ending it must not shut the socket down.
+    parking: AtomicBool,
 }
 
 impl ConnState {
@@ -39,16 +44,32 @@ impl ConnState {
             active: AtomicU32::new(0),
             served: AtomicU32::new(0),
             last_done_ms: AtomicU64::new(0),
+            body_open: AtomicBool::new(false),
+            parking: AtomicBool::new(false),
         }
+    }
+    /// Requests begun on this connection so far.
+    pub fn served(&self) -> u32 {
+        self.served.load(Relaxed)
+    }
+    /// Between two messages: nothing in flight, and the last request was read to its end.
+    pub fn at_message_boundary(&self) -> bool {
+        self.active.load(Relaxed) == 0 && !self.body_open.load(Relaxed)
+    }
+    pub fn set_parking(&self, on: bool) {
+        self.parking.store(on, Relaxed);
+    }
+    pub fn is_parking(&self) -> bool {
+        self.parking.load(Relaxed)
     }
     pub fn active(&self) -> u32 {
         self.active.load(Relaxed)
     }
-    /// An idle keep-alive: it has served a request and has none in flight. A connection that
-    /// has served nothing yet is not idle: its first request is on its way (`server.rs`
-    /// only builds the HTTP connection once bytes have arrived).
-    pub fn is_idle_keep_alive(&self) -> bool {
-        self.active.load(Relaxed) == 0 && self.served.load(Relaxed) > 0
+    /// An idle keep-alive: it has served a request since `served_before` and has none in
+    /// flight. A connection that has served nothing since is not idle: its request is on its
+    /// way (`server.rs` only builds an HTTP connection once bytes have arrived).
+    pub fn is_idle_keep_alive(&self, served_before: u32) -> bool {
+        self.active.load(Relaxed) == 0 && self.served.load(Relaxed) > served_before
     }
     /// When this connection last went idle (its start if it never served a request).
     pub fn idle_since(&self) -> Instant {
@@ -124,6 +145,54 @@ impl Drop for RequestGuard {
                 "request"
             );
         }
+    }
+}
+
+/// The request body on its way to the app. On HTTP/1.1 it tells its connection when it has
+/// been read to its end: only then is the connection between two messages.
+pub struct RequestBody {
+    inner: Incoming,
+    conn: Option<Arc<ConnState>>,
+}
+
+impl RequestBody {
+    /// `conn`: the HTTP/1.1 connection to tell (none for HTTP/2, whose streams are separate).
+    pub fn new(inner: Incoming, conn: Option<&Arc<ConnState>>) -> Self {
+        let open = !inner.is_end_stream();
+        let conn = conn.filter(|_| open).cloned();
+        if let Some(c) = &conn {
+            c.body_open.store(true, Relaxed);
+        }
+        RequestBody { inner, conn }
+    }
+
+    fn ended(&mut self) {
+        if let Some(c) = self.conn.take() {
+            c.body_open.store(false, Relaxed);
+        }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => self.ended(),
+            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.ended(),
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 

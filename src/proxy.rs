@@ -20,7 +20,7 @@ use hyper_util::rt::TokioIo;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use crate::body::{AccessInfo, Accounting, ConnState, RequestGuard, ResponseBody};
+use crate::body::{AccessInfo, Accounting, ConnState, RequestBody, RequestGuard, ResponseBody};
 use crate::config::UpstreamProtocol;
 use crate::error::ProxyError;
 use crate::lifecycle::{Phase, State};
@@ -76,7 +76,8 @@ impl ProxyService {
         ProxyService { proxy, conn, peer, peer_ip, h2 }
     }
 
-    async fn handle(self, mut req: Request<Incoming>) -> Response<ResponseBody> {
+    async fn handle(self, req: Request<Incoming>) -> Response<ResponseBody> {
+        let mut req = req.map(|b| RequestBody::new(b, if self.h2 { None } else { Some(&self.conn) }));
         let start = Instant::now();
         let p = &*self.proxy;
         let phase = p.state.borrow().phase;
@@ -140,7 +141,7 @@ impl ProxyService {
 
     /// Rewrites the request for the app: hop-by-hop headers out, forwarding headers in,
     /// the URI in the form the app's protocol wants.
-    fn prepare(&self, req: &mut Request<Incoming>, upgrade: bool) {
+    fn prepare(&self, req: &mut Request<RequestBody>, upgrade: bool) {
         let h2_upstream = self.proxy.upstream.protocol() == UpstreamProtocol::H2c && !upgrade;
         let host = match req.headers().get(header::HOST) {
             Some(h) => h.clone(),

@@ -187,7 +187,7 @@ async fn serve_proxy_conn(
     _permit: Option<OwnedSemaphorePermit>,
 ) {
     let _ = stream.set_nodelay(true);
-    let (io, h2) = match tokio::time::timeout(ctx.header_read_timeout, sniff(stream)).await {
+    let (mut io, h2) = match tokio::time::timeout(ctx.header_read_timeout, sniff(stream)).await {
         Ok(Ok(v)) => v,
         Ok(Err(error)) => {
             debug!(%error, "connection closed before a request");
@@ -201,15 +201,64 @@ async fn serve_proxy_conn(
     let acct = &ctx.proxy.acct;
     let _open = acct.activity.connection_opened(h2);
     let conn_state = Arc::new(ConnState::new());
-    let svc = ProxyService::new(ctx.proxy.clone(), conn_state.clone(), peer, h2);
+    let mut svc = ProxyService::new(ctx.proxy.clone(), conn_state.clone(), peer, h2);
     if h2 {
-        let conn = ctx.h2.serve_connection(TokioIo::new(Corked::new(io)), svc);
         // Boxed: an HTTP/2 connection's state is twice an HTTP/1.1 one's, and every task is
         // as large as its largest branch (idle HTTP/1.1 connections are the many).
-        Box::pin(drive(conn, true, &conn_state, &ctx)).await;
-    } else {
-        let conn = ctx.h1.serve_connection(TokioIo::new(io), svc).with_upgrades();
-        drive(conn, false, &conn_state, &ctx).await;
+        Box::pin(async {
+            let conn = ctx.h2.serve_connection(TokioIo::new(Corked::new(io)), svc);
+            tokio::pin!(conn);
+            drive(conn, true, 0, &conn_state, &ctx).await
+        })
+        .await;
+        return;
+    }
+    io.conn = Some(conn_state.clone());
+    loop {
+        let served_before = conn_state.served();
+        let mut conn = ctx.h1.serve_connection(TokioIo::new(io), svc).with_upgrades();
+        if drive(Pin::new(&mut conn), false, served_before, &conn_state, &ctx).await == Ended::Done {
+            return;
+        }
+        // Parked: hyper is done with the connection, which stays open without its buffers.
+        let Some(parts) = conn.into_parts() else { return };
+        conn_state.set_parking(false);
+        io = parts.io.into_inner();
+        io.unread(parts.read_buf);
+        svc = parts.service;
+        let _parked = acct.activity.connection_parked();
+        if !Box::pin(parked(&io, &conn_state, &ctx)).await {
+            return;
+        }
+    }
+}
+
+/// How long an HTTP/1.1 keep-alive connection stays idle before it is parked: hyper's
+/// per-connection state and buffers (about 16 KiB) are dropped, and built again when the
+/// next request arrives. Busy connections never wait this long between requests.
+const PARK_AFTER: Duration = Duration::from_secs(1);
+
+/// Waits, holding only the socket, until a parked connection has bytes to read (true) or
+/// must close: idle timeout, drain's idle close, process end (false).
+async fn parked(io: &Prefixed, conn_state: &ConnState, ctx: &ConnCtx) -> bool {
+    if io.has_unread() {
+        return true;
+    }
+    let mut state = ctx.proxy.state.clone();
+    let idle_until = conn_state.idle_since() + ctx.idle_timeout;
+    tokio::select! {
+        ready = io.inner.readable() => ready.is_ok(),
+        closed = state.wait_for(|s| s.close_idle) => {
+            if closed.is_ok() {
+                ctx.proxy.acct.metrics.connection_closed(CloseHow::IdleClose);
+                debug!("drain: idle keep-alive closed at min_delay");
+            }
+            false
+        }
+        _ = tokio::time::sleep_until(idle_until.into()) => {
+            debug!(idle_timeout_ms = ctx.idle_timeout.as_millis() as u64, "closing idle client connection");
+            false
+        }
     }
 }
 
@@ -230,24 +279,39 @@ impl Graceful for http2::Connection<TokioIo<Corked<Prefixed>>, ProxyService, Tok
     }
 }
 
-/// Polls a connection to completion while applying the idle timeout and the drain.
-async fn drive<C: Graceful>(conn: C, h2: bool, conn_state: &ConnState, ctx: &ConnCtx) {
+#[derive(Debug, PartialEq, Eq)]
+enum Ended {
+    Done,
+    /// An idle HTTP/1.1 connection finished without closing its socket, to be parked.
+    Parked,
+}
+
+/// Polls a connection to completion while applying the idle timeout and the drain, and
+/// parks idle HTTP/1.1 connections. `served_before`: requests this connection served before
+/// this HTTP connection was built (it is idle only once it has served one more).
+async fn drive<C: Graceful>(
+    mut conn: Pin<&mut C>,
+    h2: bool,
+    served_before: u32,
+    conn_state: &ConnState,
+    ctx: &ConnCtx,
+) -> Ended {
     let idle_timeout = ctx.idle_timeout;
     let mut state = ctx.proxy.state.clone();
-    tokio::pin!(conn);
     // Evaluate the current state at once: a connection opened during a drain is told to
     // leave like the others.
     state.mark_changed();
     let mut told = false;
-    let idle = tokio::time::sleep(idle_timeout);
+    let idle = tokio::time::sleep(idle_timeout.min(PARK_AFTER));
     tokio::pin!(idle);
     loop {
         tokio::select! {
             result = conn.as_mut() => {
                 if let Err(error) = result {
                     debug!(%error, "client connection ended with an error");
+                    return Ended::Done;
                 }
-                return;
+                return if conn_state.is_parking() { Ended::Parked } else { Ended::Done };
             }
             changed = state.changed(), if !told => {
                 if changed.is_err() {
@@ -269,7 +333,7 @@ async fn drive<C: Graceful>(conn: C, h2: bool, conn_state: &ConnState, ctx: &Con
                     // Only a keep-alive idle between requests is closed. A busy connection's
                     // response carries `Connection: close`; so does the first response of a
                     // connection opened during the drain, whose request is already arriving.
-                    if conn_state.is_idle_keep_alive() {
+                    if conn_state.is_idle_keep_alive(served_before) {
                         ctx.proxy.acct.metrics.connection_closed(CloseHow::IdleClose);
                         debug!("drain: idle keep-alive closed at min_delay");
                         conn.as_mut().graceful();
@@ -279,14 +343,26 @@ async fn drive<C: Graceful>(conn: C, h2: bool, conn_state: &ConnState, ctx: &Con
             }
             _ = &mut idle, if !told => {
                 let now = Instant::now();
-                let idle_until = conn_state.idle_since() + idle_timeout;
-                if conn_state.active() == 0 && now >= idle_until {
+                let since = conn_state.idle_since();
+                let parkable = !h2 && conn_state.is_idle_keep_alive(served_before) && conn_state.at_message_boundary();
+                if conn_state.active() == 0 && now >= since + idle_timeout {
                     debug!(idle_timeout_ms = idle_timeout.as_millis() as u64, "closing idle client connection");
                     conn.as_mut().graceful();
                     told = true;
+                } else if parkable && now >= since + PARK_AFTER {
+                    // hyper ends an idle connection at once when asked to; the socket stays open.
+                    conn_state.set_parking(true);
+                    conn.as_mut().graceful();
+                    told = true;
                 } else {
-                    let next = if conn_state.active() > 0 { now + idle_timeout } else { idle_until };
-                    idle.as_mut().reset(next.into());
+                    let next = if conn_state.active() > 0 {
+                        now + idle_timeout.min(PARK_AFTER)
+                    } else if parkable {
+                        since + idle_timeout.min(PARK_AFTER)
+                    } else {
+                        since + idle_timeout
+                    };
+                    idle.as_mut().reset(next.max(now).into());
                 }
             }
         }
@@ -310,7 +386,7 @@ async fn sniff(mut stream: TcpStream) -> io::Result<(Prefixed, bool)> {
             None
         };
         if let Some(h2) = h2 {
-            return Ok((Prefixed { prefix: buf.freeze(), inner: stream }, h2));
+            return Ok((Prefixed { prefix: buf.freeze(), inner: stream, conn: None }, h2));
         }
     }
 }
@@ -319,6 +395,29 @@ async fn sniff(mut stream: TcpStream) -> io::Result<(Prefixed, bool)> {
 pub struct Prefixed {
     prefix: Bytes,
     inner: TcpStream,
+    /// Set for HTTP/1.1: while the connection is being parked, a shutdown leaves it open.
+    conn: Option<Arc<ConnState>>,
+}
+
+impl Prefixed {
+    /// Puts bytes read but not used back in front (hyper's read buffer, when parking).
+    fn unread(&mut self, bytes: Bytes) {
+        if bytes.is_empty() {
+            return;
+        }
+        if self.prefix.is_empty() {
+            self.prefix = bytes;
+        } else {
+            let mut joined = BytesMut::with_capacity(bytes.len() + self.prefix.len());
+            joined.extend_from_slice(&bytes);
+            joined.extend_from_slice(&self.prefix);
+            self.prefix = joined.freeze();
+        }
+    }
+
+    fn has_unread(&self) -> bool {
+        !self.prefix.is_empty()
+    }
 }
 
 impl AsyncRead for Prefixed {
@@ -355,6 +454,9 @@ impl AsyncWrite for Prefixed {
         Pin::new(&mut self.inner).poll_flush(cx)
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.conn.as_ref().is_some_and(|c| c.is_parking()) {
+            return Poll::Ready(Ok(()));
+        }
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

@@ -21,11 +21,12 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tracing::debug;
 
+use crate::body::RequestBody;
 use crate::config::{UpstreamConfig, UpstreamProtocol};
 use crate::error::{connect_error, ProxyError};
 
 struct Idle {
-    sender: http1::SendRequest<Incoming>,
+    sender: http1::SendRequest<RequestBody>,
     since: Instant,
 }
 
@@ -37,13 +38,13 @@ pub struct Upstream {
     idle_timeout: Duration,
     max_idle: usize,
     idle: Mutex<Vec<Idle>>,
-    h2: tokio::sync::Mutex<Option<http2::SendRequest<Incoming>>>,
+    h2: tokio::sync::Mutex<Option<http2::SendRequest<RequestBody>>>,
 }
 
 /// An HTTP/1.1 connection lent to one exchange; back to the pool via [`Pooled::release`]
 /// once the response body has ended, or closed if dropped earlier.
 pub struct Pooled {
-    sender: http1::SendRequest<Incoming>,
+    sender: http1::SendRequest<RequestBody>,
     upstream: Arc<Upstream>,
 }
 
@@ -79,7 +80,7 @@ impl Upstream {
     /// response body.
     pub async fn send(
         self: &Arc<Self>,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
     ) -> Result<(Response<Incoming>, Option<Pooled>), ProxyError> {
         match self.protocol {
             UpstreamProtocol::Http1 => self.send_h1(req).await,
@@ -88,7 +89,7 @@ impl Upstream {
     }
 
     /// Sends an upgrade request (WebSocket) on a connection of its own, never pooled.
-    pub async fn send_upgrade(&self, req: Request<Incoming>) -> Result<Response<Incoming>, ProxyError> {
+    pub async fn send_upgrade(&self, req: Request<RequestBody>) -> Result<Response<Incoming>, ProxyError> {
         let mut sender = self.connect_h1().await?;
         let res = self.with_timeout(sender.try_send_request(req)).await?;
         res.map_err(|mut e| match e.take_message() {
@@ -106,7 +107,7 @@ impl Upstream {
 
     async fn send_h1(
         self: &Arc<Self>,
-        mut req: Request<Incoming>,
+        mut req: Request<RequestBody>,
     ) -> Result<(Response<Incoming>, Option<Pooled>), ProxyError> {
         let mut retried = false;
         loop {
@@ -131,7 +132,7 @@ impl Upstream {
         }
     }
 
-    async fn send_h2(&self, mut req: Request<Incoming>) -> Result<Response<Incoming>, ProxyError> {
+    async fn send_h2(&self, mut req: Request<RequestBody>) -> Result<Response<Incoming>, ProxyError> {
         let mut fresh = false;
         loop {
             let mut sender = self.h2_sender(fresh).await?;
@@ -160,7 +161,7 @@ impl Upstream {
         Ok(stream)
     }
 
-    async fn connect_h1(&self) -> Result<http1::SendRequest<Incoming>, ProxyError> {
+    async fn connect_h1(&self) -> Result<http1::SendRequest<RequestBody>, ProxyError> {
         let stream = self.connect().await?;
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
@@ -174,7 +175,7 @@ impl Upstream {
         Ok(sender)
     }
 
-    async fn h2_sender(&self, fresh: bool) -> Result<http2::SendRequest<Incoming>, ProxyError> {
+    async fn h2_sender(&self, fresh: bool) -> Result<http2::SendRequest<RequestBody>, ProxyError> {
         let mut slot = self.h2.lock().await;
         if let Some(s) = slot.as_ref() {
             if !fresh && !s.is_closed() {
@@ -198,7 +199,7 @@ impl Upstream {
     }
 
     /// The most recently used ready connection, dropping closed and expired ones.
-    fn checkout(&self) -> Option<http1::SendRequest<Incoming>> {
+    fn checkout(&self) -> Option<http1::SendRequest<RequestBody>> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         let mut i = idle.len();
@@ -216,7 +217,7 @@ impl Upstream {
         None
     }
 
-    fn checkin(&self, sender: http1::SendRequest<Incoming>) {
+    fn checkin(&self, sender: http1::SendRequest<RequestBody>) {
         if sender.is_closed() {
             return;
         }

@@ -350,3 +350,21 @@ async fn a_connection_opened_after_min_delay_still_gets_its_request_forwarded() 
     app.state.hold.release.notify_one();
     held.await.unwrap();
 }
+
+#[tokio::test]
+async fn a_parked_keep_alive_is_closed_at_min_delay_and_not_before() {
+    let app = app().await;
+    let min_delay = Duration::from_millis(400);
+    let p = ready_proxy(app.addr, |c| c.drain.min_delay = Dur(min_delay)).await;
+    let mut c = h1(p.proxy_addr).await;
+    assert_eq!(c.get("/").await.status, 200);
+    tokio::time::timeout(Duration::from_secs(5), p.activity.wait_parked(1)).await.expect("connection parked");
+    let t0 = Instant::now();
+    start_drain(&p).await;
+    tokio::time::timeout(Duration::from_secs(5), &mut c.conn).await.expect("parked keep-alive closed").ok();
+    let closed_after = t0.elapsed();
+    assert!(closed_after >= min_delay - Duration::from_millis(20), "closed at {closed_after:?}, before min_delay");
+    let m = metrics(&p).await;
+    assert_eq!(metric(&m, "drainproxy_drain_connections_closed_total", &[("how", "idle_close")]), 1.0);
+    assert_eq!(p.activity.parked(), 0);
+}

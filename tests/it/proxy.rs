@@ -354,3 +354,95 @@ async fn pooled_app_connections_are_closed_once_idle_past_the_pool_idle_timeout(
         "the idle pooled connection was never closed"
     );
 }
+
+/// Waits (bounded) until `n` connections are parked.
+async fn parked(p: &drainproxy::app::Running, n: usize) {
+    tokio::time::timeout(std::time::Duration::from_secs(5), p.activity.wait_parked(n))
+        .await
+        .unwrap_or_else(|_| panic!("{n} connection(s) never parked (parked now: {})", p.activity.parked()));
+}
+
+#[tokio::test]
+async fn an_idle_keep_alive_is_parked_and_serves_its_next_requests_on_the_same_socket() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = app().await;
+    let p = ready_proxy(app.addr, |_| {}).await;
+    let mut s = tokio::net::TcpStream::connect(p.proxy_addr).await.unwrap();
+    let reply = async |s: &mut tokio::net::TcpStream| {
+        let mut buf = vec![0u8; 4096];
+        let mut got = Vec::new();
+        while !got.windows(2).any(|w| w == b"ok") {
+            let n = tokio::time::timeout(std::time::Duration::from_secs(5), s.read(&mut buf)).await.unwrap().unwrap();
+            assert!(n > 0, "connection closed; got {:?}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8(got).unwrap()
+    };
+    s.write_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    assert!(reply(&mut s).await.starts_with("HTTP/1.1 200"));
+    parked(&p, 1).await;
+    // The next request arrives in two parts while parked: both are read, in order.
+    s.write_all(b"GET /b HTTP/1.1\r\n").await.unwrap();
+    tokio::task::yield_now().await;
+    s.write_all(b"Host: x\r\n\r\n").await.unwrap();
+    let r = reply(&mut s).await;
+    assert!(r.starts_with("HTTP/1.1 200") && !r.to_ascii_lowercase().contains("connection: close"), "{r}");
+    assert_eq!(p.activity.parked(), 0, "a connection with a request is no longer parked");
+    // Parked again once idle, and a pipelined pair is answered in order.
+    parked(&p, 1).await;
+    s.write_all(b"GET /c HTTP/1.1\r\nHost: x\r\n\r\nGET /d HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut both = reply(&mut s).await;
+    while both.matches("HTTP/1.1 200").count() < 2 {
+        both.push_str(&reply(&mut s).await);
+    }
+    assert_eq!(app.state.requests.load(std::sync::atomic::Ordering::SeqCst), 4);
+    assert_eq!(p.activity.connections(), [1, 0], "one client connection throughout");
+}
+
+#[tokio::test]
+async fn a_connection_whose_request_body_is_unfinished_is_not_parked() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // An app that answers before reading the body, then holds its connection until told to
+    // close it: the client connection stays idle for longer than the park delay in the
+    // middle of a request body, and then the body is abandoned.
+    let app = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app_addr = app.local_addr().unwrap();
+    let close_app = std::sync::Arc::new(tokio::sync::Notify::new());
+    let close = close_app.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = app.accept().await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            let n = s.read(&mut buf).await.unwrap();
+            if buf[..n].starts_with(b"POST") {
+                s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await.unwrap();
+                close.notified().await;
+                return;
+            }
+            // Health probes.
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").await;
+        }
+    });
+    let p = ready_proxy(app_addr, |_| {}).await;
+    let mut s = tokio::net::TcpStream::connect(p.proxy_addr).await.unwrap();
+    s.write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n0123456789").await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(5), s.read(&mut buf)).await.unwrap().unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{:?}", String::from_utf8_lossy(&buf[..n]));
+    // Past the park delay, mid-body: the connection must not be set up to be parked ...
+    let waited = tokio::time::timeout(std::time::Duration::from_millis(1500), p.activity.wait_parked(1)).await;
+    assert!(waited.is_err(), "a connection in the middle of a request body was parked");
+    // ... so when the body is abandoned, the connection closes instead of being parked with
+    // the rest of the body still to come (which would then be read as requests).
+    close_app.notify_one();
+    let _ = s.write_all(&[b'x'; 1000]).await;
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "the connection stayed open");
+    assert_eq!(p.activity.parked(), 0);
+    assert!(
+        !String::from_utf8_lossy(&rest).contains("400"),
+        "body bytes were read as a request: {:?}",
+        String::from_utf8_lossy(&rest)
+    );
+}
