@@ -8,10 +8,17 @@ connections for drainproxy and nginx; HAProxy with http-reuse always). Runs are 
 (target by target within each repetition) and medians reported, with ratios to the better of
 nginx and HAProxy. Only loopback addresses are used.
 
-  bench/proxy/bench.py             # the full run (about 15 minutes), writes bench/RESULTS.md
+Figures: closed-loop throughput (wrk, h2load); open-loop latency with coordinated-omission
+correction (oha, installed with `cargo install` when missing) at 1k and 5k req/s and at 80% of
+the slowest peer's maximum; CPU per request split into user and kernel time; RSS idle, at peak,
+after the load, with 1k and 10k idle connections; and the global allocators drainproxy can be
+built with (cargo features), side by side.
+
+  bench/proxy/bench.py             # the full run (about 30 minutes), writes bench/RESULTS.md
   bench/proxy/bench.py --quick     # one short repetition, for CI: checks it runs, prints the table
 """
 import argparse
+import json
 import os
 import re
 import shutil
@@ -75,26 +82,51 @@ def pids_of(proc):
 
 
 def cpu_ticks(pids):
-    total = 0
+    """(user, system) clock ticks of the processes."""
+    user = system = 0
     for pid in pids:
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime + stime
+            user += int(fields[11])
+            system += int(fields[12])
         except (FileNotFoundError, IndexError):
             pass
-    return total
+    return user, system
 
 
-def rss_kib(pids):
+def rss_kib(pids, field="VmRSS"):
+    """Summed RSS (or, with field="VmHWM", the peak RSS) of the processes."""
     total = 0
     for pid in pids:
         try:
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     total += int(line.split()[1])
         except FileNotFoundError:
             pass
     return total
+
+
+def oha_path():
+    """oha from PATH, or built once into target/tools with cargo install."""
+    found = shutil.which("oha") or (ROOT / "target/tools/bin/oha")
+    if Path(found).exists():
+        return str(found)
+    print("installing oha (cargo install, a few minutes, once)", flush=True)
+    subprocess.run(["cargo", "install", "oha", "--locked", "--root", str(ROOT / "target/tools")], check=True)
+    return str(ROOT / "target/tools/bin/oha")
+
+
+def open_loop(oha, port, rate, seconds):
+    """Latency percentiles (ms) at a fixed request rate, corrected for coordinated omission."""
+    out = sh("taskset", "-c", "0", oha, "-z", f"{seconds}s", "-w", "-q", str(rate), "-c", "32",
+             "--latency-correction", "--no-tui", "--output-format", "json", "--worker-threads", "1",
+             f"http://127.0.0.1:{port}/0").stdout
+    d = json.loads(out)
+    pct = d["latencyPercentiles"]
+    codes = d.get("statusCodeDistribution", {})
+    bad = sum(n for c, n in codes.items() if not c.startswith("2")) + sum(d.get("errorDistribution", {}).values())
+    return {k: pct[k] * 1000 for k in ("p50", "p99", "p99.9")}, bad
 
 
 class Stack:
@@ -158,9 +190,10 @@ class Stack:
                 p.kill()
 
 
-def run_load(workload, target, seconds, tmp):
+def run_load(workload, ports, seconds, tmp):
+    """(req/s, requests, errors) of one closed-loop run; ports: (HTTP/1.1, h2c)."""
     tool, path, extra = WORKLOADS[workload]
-    h1, h2 = PORTS[target]
+    h1, h2 = ports
     if tool == "h2load":
         out = sh("taskset", "-c", "0", need("h2load"), "-c", "32", "-m", "10", "-D", str(seconds),
                  f"http://127.0.0.1:{h2}{path}").stdout
@@ -182,9 +215,13 @@ def run_load(workload, target, seconds, tmp):
     return rps, n, errors + (int(non2xx.group(1)) if non2xx else 0)
 
 
-def idle_rss(stack, target, count):
-    """RSS of the proxy holding `count` idle keep-alive connections (each served one request)."""
-    port = PORTS[target][0]
+IDLE_SETTLE = 5.0
+
+
+def idle_rss(pids, port, count):
+    """RSS of a proxy holding `count` idle keep-alive connections, each of which served one
+    request, measured IDLE_SETTLE seconds after the last response (idle connections are
+    long-lived; what counts is what they hold once settled)."""
     socks = []
     try:
         for _ in range(count):
@@ -194,57 +231,138 @@ def idle_rss(stack, target, count):
         for s in socks:
             s.settimeout(5)
             s.recv(4096)
-        time.sleep(0.5)
-        return rss_kib(stack.pids(target))
+        time.sleep(IDLE_SETTLE)
+        return rss_kib(pids)
     finally:
         for s in socks:
             s.close()
 
 
+ALLOCATORS = ("system", "jemalloc", "mimalloc")
+ALLOC_PORT = 18400  # variant k listens on ALLOC_PORT + 10k, its admin port one above
+
+
+def build_allocator_variants():
+    """drainproxy built once per allocator feature, copied aside; returns name -> path."""
+    out = ROOT / "target" / "bench-alloc"
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name in ALLOCATORS:
+        features = [] if name == "system" else ["--features", name]
+        subprocess.run(["cargo", "build", "--release", "--bin", "drainproxy", *features], cwd=ROOT, check=True)
+        dest = out / f"drainproxy-{name}"
+        shutil.copyfile(ROOT / "target/release/drainproxy", dest)
+        dest.chmod(0o755)
+        paths[name] = dest
+    # Leave the default build in place for the rest of the bench.
+    subprocess.run(["cargo", "build", "--release", "--bin", "drainproxy"], cwd=ROOT, check=True)
+    return paths
+
+
+def run_allocators(paths, tmp, args):
+    """The allocator variants side by side: throughput and CPU on h1 0 B and h2, RSS idle,
+    after a burst, 60 s after it, and with 10k idle connections."""
+    procs = {}
+    try:
+        for k, (name, path) in enumerate(paths.items()):
+            port = ALLOC_PORT + 10 * k
+            cfg = tmp / f"alloc-{name}.yaml"
+            cfg.write_text(f"listen: 127.0.0.1:{port}\nadmin: 127.0.0.1:{port + 1}\nupstream:\n  address: 127.0.0.1:{APP}\n"
+                           "runtime:\n  threads: 1\nlog:\n  level: warn\n")
+            procs[name] = (subprocess.Popen(["taskset", "-c", "1", str(path), "--config", str(cfg)],
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), port)
+            wait_port(port)
+        time.sleep(0.5)
+        rows = {name: {"idle": rss_kib([p.pid])} for name, (p, _) in procs.items()}
+        runs = {}
+        for _ in range(args.reps):
+            for workload in ("h1 0 B", "h2 1 KiB"):
+                for name, (p, port) in procs.items():
+                    before = cpu_ticks([p.pid])
+                    rps, n, _ = run_load(workload, (port, port), args.seconds, tmp)
+                    after = cpu_ticks([p.pid])
+                    us = sum(after) - sum(before)
+                    runs.setdefault((workload, name), []).append((rps, us / CLK_TCK * 1e6 / n if n else None))
+        for name, (p, _) in procs.items():
+            rows[name]["peak"] = rss_kib([p.pid], "VmHWM")
+            rows[name]["after the load"] = rss_kib([p.pid])
+        time.sleep(60)
+        for name, (p, port) in procs.items():
+            rows[name]["60 s later"] = rss_kib([p.pid])
+        for name, (p, port) in procs.items():
+            rows[name]["10k idle conns"] = idle_rss([p.pid], port, 10000)
+        return rows, runs
+    finally:
+        for p, _ in procs.values():
+            p.kill()
+            p.wait()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="one repetition of 2 s per workload, no idle-connection memory runs")
+    ap.add_argument("--quick", action="store_true",
+                    help="one repetition of 2 s per workload and rate, no idle-connection or allocator runs")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--seconds", type=int, default=5)
+    ap.add_argument("--no-allocators", action="store_true", help="skip the allocator comparison")
     ap.add_argument("--out", default=str(ROOT / "bench" / "RESULTS.md"))
     args = ap.parse_args()
     if args.quick:
-        args.reps, args.seconds = 1, 2
+        args.reps, args.seconds, args.no_allocators = 1, 2, True
     if os.cpu_count() < 2:
         sys.exit("needs 2 CPUs: the load generator and the pod must not share one")
+    oha = oha_path()
+    # Builds first: nothing may compile while something is measured.
+    variants = None if args.no_allocators else build_allocator_variants()
     drainproxy = ROOT / "target" / "release" / "drainproxy"
     if not drainproxy.exists():
         subprocess.run(["cargo", "build", "--release", "--bin", "drainproxy"], cwd=ROOT, check=True)
     tmp = Path(tempfile.mkdtemp(prefix="drainproxy-bench-"))
     stack = Stack(tmp, drainproxy)
     time.sleep(0.5)
-    idle_at_start = {t: rss_kib(stack.pids(t)) for t in ("drainproxy", "nginx", "haproxy")}
-    results = {}  # (workload, target) -> list of (rps, cpu_us_per_req)
+    idle_at_start = {t: rss_kib(stack.pids(t)) for t in PROXIES}
+    results = {}  # (workload, target) -> list of (rps, user µs/req, system µs/req)
+    latency = {}  # (rate label, target) -> list of percentile dicts
     errors = {}
+    memory = {}
+    allocators = None
     try:
-        targets = list(PORTS)
         for rep in range(args.reps):
             for workload in WORKLOADS:
-                for target in targets:
+                for target in PORTS:
                     pids = stack.pids(target) if target != "direct" else []
                     before = cpu_ticks(pids)
-                    rps, n, errs = run_load(workload, target, args.seconds, tmp)
-                    ticks = cpu_ticks(pids) - before
-                    us = ticks / CLK_TCK * 1e6 / n if n and pids else None
-                    results.setdefault((workload, target), []).append((rps, us))
+                    rps, n, errs = run_load(workload, PORTS[target], args.seconds, tmp)
+                    after = cpu_ticks(pids)
+                    user, system = ((a - b) / CLK_TCK * 1e6 / n if n and pids else None for a, b in zip(after, before))
+                    results.setdefault((workload, target), []).append((rps, user, system))
                     errors[(workload, target)] = errors.get((workload, target), 0) + errs
                     print(f"rep {rep + 1} {workload:<28} {target:<10} {rps:>10.0f} req/s"
-                          + (f" {us:6.1f} us/req" if us else "") + (f"  {errs} errors" if errs else ""), flush=True)
-        memory = {}
-        for target in ("drainproxy", "nginx", "haproxy"):
-            row = {"idle (at start)": idle_at_start[target], "after the load runs": rss_kib(stack.pids(target))}
+                          + (f" {user + system:6.1f} us/req ({user:.1f} user)" if user is not None else "")
+                          + (f"  {errs} errors" if errs else ""), flush=True)
+        slowest = min(med([r[0] for r in results[("h1 0 B", p)]]) for p in PROXIES)
+        rates = {"1k req/s": 1000, "5k req/s": 5000, f"80% of the slowest peer ({int(slowest * 0.8):,} req/s)": int(slowest * 0.8)}
+        for rep in range(args.reps):
+            for label, rate in rates.items():
+                for target in PORTS:
+                    pct, bad = open_loop(oha, PORTS[target][0], rate, args.seconds)
+                    latency.setdefault((label, target), []).append(pct)
+                    errors[(f"latency {label}", target)] = errors.get((f"latency {label}", target), 0) + bad
+                    print(f"rep {rep + 1} latency at {label:<40} {target:<10} p50 {pct['p50']:.3f} p99 {pct['p99']:.3f} "
+                          f"p99.9 {pct['p99.9']:.3f} ms" + (f"  {bad} errors" if bad else ""), flush=True)
+        for target in PROXIES:
+            pids = stack.pids(target)
+            row = {"idle (at start)": idle_at_start[target], "peak (under load)": rss_kib(pids, "VmHWM"),
+                   "after the load runs": rss_kib(pids)}
             if not args.quick:
-                row["1k idle conns"] = idle_rss(stack, target, 1000)
-                row["10k idle conns"] = idle_rss(stack, target, 8000 if target == "haproxy" else 10000)
+                row["1k idle conns"] = idle_rss(pids, PORTS[target][0], 1000)
+                row["10k idle conns"] = idle_rss(pids, PORTS[target][0], 8000 if target == "haproxy" else 10000)
             memory[target] = row
+        if variants:
+            allocators = run_allocators(variants, tmp, args)
     finally:
         stack.stop()
-    report = render(results, errors, memory, args)
+    report = render(results, latency, errors, memory, allocators, args)
     print(report)
     if not args.quick:
         Path(args.out).write_text(report)
@@ -254,46 +372,116 @@ def main():
         sys.exit(f"errors during load: {bad}")
 
 
+PROXIES = ("drainproxy", "nginx", "haproxy")
+TARGETS = {  # issue: performance
+    "throughput h1 0 B and 1 KiB": 1.25, "throughput elsewhere": 1.0, "CPU": 0.8,
+    "idle KiB": 8 * 1024, "1k KiB": 24 * 1024, "10k KiB": 128 * 1024,
+}
+
+
 def med(values):
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else None
 
 
-def render(results, errors, memory, args):
+def fmt(v, d=0):
+    return "-" if v is None else f"{v:,.{d}f}"
+
+
+def render(results, latency, errors, memory, allocators, args):
     cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"], capture_output=True, text=True).stdout.strip()
     versions = {
         "nginx": subprocess.run([need("nginx"), "-v"], capture_output=True, text=True).stderr.strip().split("/")[-1],
         "haproxy": sh(need("haproxy"), "-v").stdout.split()[2],
-        "wrk": "4.x", "drainproxy": sh(str(ROOT / "target/release/drainproxy"), "--version").stdout.split()[-1],
+        "oha": sh(oha_path(), "--version").stdout.split()[-1],
+        "drainproxy": sh(str(ROOT / "target/release/drainproxy"), "--version").stdout.split()[-1],
     }
+    kernel = os.uname().release
     lines = [
         "# Sidecar benchmark",
         "",
-        f"{time.strftime('%Y-%m-%d', time.gmtime())}; {os.cpu_count()} CPUs ({cpu}); nginx {versions['nginx']}, "
-        f"HAProxy {versions['haproxy']}, drainproxy {versions['drainproxy']}. App (nginx, static files) and proxy share CPU 1; "
-        f"the load generator runs alone on CPU 0 (wrk -t1 -c32; h2load -c32 -m10). {args.reps} interleaved repetitions "
-        f"of {args.seconds} s; medians. Command: `bench/proxy/bench.py`.",
+        f"{time.strftime('%Y-%m-%d', time.gmtime())}; {os.cpu_count()} CPUs ({cpu}), Linux {kernel}; nginx {versions['nginx']}, "
+        f"HAProxy {versions['haproxy']}, oha {versions['oha']}, drainproxy {versions['drainproxy']} (system allocator, "
+        f"`runtime.threads: 1`). App (nginx, static files, one worker) and proxy share CPU 1; the load generator runs alone "
+        f"on CPU 0 (wrk -t1 -c32; h2load -c32 -m10; oha -c32, one worker thread). {args.reps} interleaved repetitions of "
+        f"{args.seconds} s; medians. Command: `bench/proxy/bench.py`{' --quick' if args.quick else ''}.",
         "",
-        "| workload | direct req/s | drainproxy req/s | nginx req/s | HAProxy req/s | drainproxy / best peer | CPU µs/req drainproxy | nginx | HAProxy | CPU ratio to best peer |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "## Throughput and CPU per request",
+        "",
+        "CPU is the proxy's user + system time over the requests it served; the last two columns split drainproxy's.",
+        "",
+        "| workload | direct req/s | drainproxy req/s | nginx req/s | HAProxy req/s | drainproxy / best peer | CPU µs/req drainproxy | nginx | HAProxy | CPU ratio to best peer | drainproxy user µs | kernel µs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    ratios, cpu_ratios = {}, {}
     for w in WORKLOADS:
-        rps = {t: med([r for r, _ in results.get((w, t), [])]) for t in PORTS}
-        us = {t: med([u for _, u in results.get((w, t), [])]) for t in PORTS}
+        rps = {t: med([r[0] for r in results.get((w, t), [])]) for t in PORTS}
+        user = {t: med([r[1] for r in results.get((w, t), [])]) for t in PORTS}
+        system = {t: med([r[2] for r in results.get((w, t), [])]) for t in PORTS}
+        us = {t: (user[t] + system[t]) if user[t] is not None else None for t in PORTS}
         best = max(rps[p] for p in PEERS)
-        peer_cpu = [us[p] for p in PEERS if us[p] is not None]
-        best_cpu = min(peer_cpu) if peer_cpu else None
-        fmt = lambda v, d=0: "-" if v is None else f"{v:,.{d}f}"
+        best_cpu = min(us[p] for p in PEERS if us[p] is not None)
+        ratios[w] = rps["drainproxy"] / best
+        cpu_ratios[w] = us["drainproxy"] / best_cpu
         lines.append(f"| {w} | {fmt(rps['direct'])} | {fmt(rps['drainproxy'])} | {fmt(rps['nginx'])} | {fmt(rps['haproxy'])} | "
-                     f"**{rps['drainproxy'] / best:.2f}×** | {fmt(us['drainproxy'], 1)} | {fmt(us['nginx'], 1)} | {fmt(us['haproxy'], 1)} | "
-                     f"{fmt(us['drainproxy'] / best_cpu if best_cpu and us['drainproxy'] else None, 2)} |")
-    lines += ["", "Memory (RSS, KiB):", "", "| proxy | " + " | ".join(next(iter(memory.values())).keys()) + " |",
-              "|---|" + "---|" * len(next(iter(memory.values()))) ]
+                     f"**{ratios[w]:.2f}×** | {fmt(us['drainproxy'], 1)} | {fmt(us['nginx'], 1)} | {fmt(us['haproxy'], 1)} | "
+                     f"{cpu_ratios[w]:.2f} | {fmt(user['drainproxy'], 1)} | {fmt(system['drainproxy'], 1)} |")
+    lines += ["", "## Open-loop latency", "",
+              "oha at a fixed rate with `--latency-correction` (coordinated omission corrected), HTTP/1.1 keep-alive, "
+              "0 B responses. Direct: the app's own latency; for each proxy, what it adds over direct (ms).", "",
+              "| rate | direct p50 / p99 / p99.9 | drainproxy added | nginx added | HAProxy added | drainproxy p99 added vs best peer |",
+              "|---|---|---|---|---|---|"]
+    p99_5k = None
+    for label in dict.fromkeys(k[0] for k in latency):
+        pct = {t: {q: med([d[q] for d in latency[(label, t)]]) for q in ("p50", "p99", "p99.9")} for t in PORTS}
+        add = {t: {q: pct[t][q] - pct["direct"][q] for q in pct[t]} for t in PROXIES}
+        cell = lambda d: f"{d['p50']:.3f} / {d['p99']:.3f} / {d['p99.9']:.3f}"
+        best_peer = min(add[p]["p99"] for p in PEERS)
+        verdict = f"{add['drainproxy']['p99'] - best_peer:+.3f} ms"
+        if label.startswith("5k"):
+            p99_5k = (add["drainproxy"]["p99"], best_peer)
+        lines.append(f"| {label} | {cell(pct['direct'])} | {cell(add['drainproxy'])} | {cell(add['nginx'])} | "
+                     f"{cell(add['haproxy'])} | {verdict} |")
+    cols = list(next(iter(memory.values())).keys())
+    lines += ["", "## Memory (RSS, KiB)", "",
+              f"Idle connections each served one request and are measured {IDLE_SETTLE:.0f} s after the last response. "
+              "HAProxy's 10k figure is for 8,000 connections: with a 20,000 file-descriptor limit it cannot hold 10,000 "
+              "(it reserves two descriptors per connection).", "",
+              "| proxy | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for t, row in memory.items():
-        lines.append(f"| {t} | " + " | ".join(f"{v:,}" for v in row.values()) + " |")
-    lines.append("")
-    lines.append("HAProxy's 10k figure is for 8,000 connections: with a 20,000 file-descriptor limit it cannot hold 10,000 "
-                 "(it reserves two descriptors per connection).")
+        lines.append(f"| {t} | " + " | ".join(fmt(v) for v in row.values()) + " |")
+    if allocators:
+        rows, runs = allocators
+        acols = list(next(iter(rows.values())).keys())
+        lines += ["", "## Allocators", "",
+                  "drainproxy built with each global allocator (`cargo build --release --features jemalloc|mimalloc`), "
+                  "run side by side against the same app; RSS in KiB.", "",
+                  "| allocator | h1 0 B req/s | CPU µs/req | h2 1 KiB req/s | CPU µs/req | " + " | ".join(f"RSS {c}" for c in acols) + " |",
+                  "|---|---|---|---|---|" + "---|" * len(acols)]
+        for name, row in rows.items():
+            h1 = runs[("h1 0 B", name)]
+            h2 = runs[("h2 1 KiB", name)]
+            lines.append(f"| {name} | {fmt(med([r for r, _ in h1]))} | {fmt(med([u for _, u in h1]), 1)} | "
+                         f"{fmt(med([r for r, _ in h2]))} | {fmt(med([u for _, u in h2]), 1)} | "
+                         + " | ".join(fmt(v) for v in row.values()) + " |")
+    # The targets, each with its verdict.
+    mem = memory["drainproxy"]
+    check = lambda ok: "met" if ok else "**missed**"
+    lines += ["", "## Targets", "", "| target | measured | verdict |", "|---|---|---|"]
+    for w in ("h1 0 B", "h1 1 KiB"):
+        lines.append(f"| throughput ≥ 1.25× the better peer, {w} | {ratios[w]:.2f}× | {check(ratios[w] >= 1.25)} |")
+    others = {w: r for w, r in ratios.items() if w not in ("h1 0 B", "h1 1 KiB")}
+    worst = min(others, key=others.get)
+    lines.append(f"| throughput ≥ 1.0× elsewhere | lowest {others[worst]:.2f}× ({worst}) | {check(others[worst] >= 1.0)} |")
+    worst_cpu = max(cpu_ratios, key=cpu_ratios.get)
+    lines.append(f"| CPU per request ≤ 0.8× the better peer | {cpu_ratios['h1 0 B']:.2f}× on h1 0 B; highest {cpu_ratios[worst_cpu]:.2f}× ({worst_cpu}) | "
+                 f"{check(all(r <= 0.8 for r in cpu_ratios.values()))} |")
+    if p99_5k:
+        lines.append(f"| p99 added latency at 5k req/s ≤ the better peer's | {p99_5k[0]:.3f} ms vs {p99_5k[1]:.3f} ms | {check(p99_5k[0] <= p99_5k[1])} |")
+    lines.append(f"| RSS ≤ 8 MB idle | {mem['idle (at start)'] / 1024:.1f} MB | {check(mem['idle (at start)'] <= TARGETS['idle KiB'])} |")
+    if "1k idle conns" in mem:
+        lines.append(f"| RSS ≤ 24 MB with 1k idle connections | {mem['1k idle conns'] / 1024:.1f} MB | {check(mem['1k idle conns'] <= TARGETS['1k KiB'])} |")
+        lines.append(f"| RSS ≤ 128 MB with 10k idle connections | {mem['10k idle conns'] / 1024:.1f} MB | {check(mem['10k idle conns'] <= TARGETS['10k KiB'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -301,7 +489,7 @@ def chart(results):
     """Horizontal bars: throughput relative to the better peer, per workload."""
     rows = []
     for w in WORKLOADS:
-        rps = {t: med([r for r, _ in results.get((w, t), [])]) for t in PORTS}
+        rps = {t: med([r[0] for r in results.get((w, t), [])]) for t in PORTS}
         best = max(rps[p] for p in PEERS)
         rows.append((w, {t: rps[t] / best for t in ("drainproxy", "nginx", "haproxy")}))
     colors = {"drainproxy": "#1a7f37", "nginx": "#999", "haproxy": "#555"}
