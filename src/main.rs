@@ -13,7 +13,8 @@ const EXIT_RUNTIME: u8 = 1;
 const EXIT_CONFIG: u8 = 2;
 const EXIT_ABANDONED: u8 = 3;
 
-// The allocator is a build choice (cargo features `mimalloc`, `jemalloc`); the system's by default.
+// The allocator is a build choice: jemalloc by default (feature `jemalloc`), mimalloc with
+// `--features mimalloc`, the system's with `--no-default-features`.
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -248,7 +248,7 @@ def build_allocator_variants():
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
     for name in ALLOCATORS:
-        features = [] if name == "system" else ["--features", name]
+        features = {"system": ["--no-default-features"], "jemalloc": [], "mimalloc": ["--features", "mimalloc"]}[name]
         subprocess.run(["cargo", "build", "--release", "--bin", "drainproxy", *features], cwd=ROOT, check=True)
         dest = out / f"drainproxy-{name}"
         shutil.copyfile(ROOT / "target/release/drainproxy", dest)
@@ -306,7 +306,19 @@ def main():
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--no-allocators", action="store_true", help="skip the allocator comparison")
     ap.add_argument("--out", default=str(ROOT / "bench" / "RESULTS.md"))
+    ap.add_argument("--render", metavar="JSON", help="only render the report from a run's raw figures (bench/results.json)")
     args = ap.parse_args()
+    if args.render:
+        raw = json.loads(Path(args.render).read_text())
+        args.reps, args.seconds, args.quick = raw["reps"], raw["seconds"], raw["quick"]
+        results = {tuple(k.split("|")): v for k, v in raw["results"].items()}
+        latency = {tuple(k.split("|")): v for k, v in raw["latency"].items()}
+        allocators = raw["allocators"] and (raw["allocators"][0], {tuple(k.split("|")): v for k, v in raw["allocators"][1].items()})
+        report = render(results, latency, {}, raw["memory"], allocators, args)
+        Path(args.out).write_text(report)
+        (Path(args.out).parent / "results.svg").write_text(chart(results))
+        print(report)
+        return
     if args.quick:
         args.reps, args.seconds, args.no_allocators = 1, 2, True
     if os.cpu_count() < 2:
@@ -362,6 +374,13 @@ def main():
             allocators = run_allocators(variants, tmp, args)
     finally:
         stack.stop()
+    if not args.quick:
+        # The raw figures first: the report can be rendered again from them (--render).
+        raw = {"reps": args.reps, "seconds": args.seconds, "quick": args.quick,
+               "results": {"|".join(k): v for k, v in results.items()},
+               "latency": {"|".join(k): v for k, v in latency.items()}, "memory": memory,
+               "allocators": allocators and [allocators[0], {"|".join(k): v for k, v in allocators[1].items()}]}
+        (Path(args.out).parent / "results.json").write_text(json.dumps(raw, indent=1))
     report = render(results, latency, errors, memory, allocators, args)
     print(report)
     if not args.quick:
@@ -401,17 +420,17 @@ def render(results, latency, errors, memory, allocators, args):
         "# Sidecar benchmark",
         "",
         f"{time.strftime('%Y-%m-%d', time.gmtime())}; {os.cpu_count()} CPUs ({cpu}), Linux {kernel}; nginx {versions['nginx']}, "
-        f"HAProxy {versions['haproxy']}, oha {versions['oha']}, drainproxy {versions['drainproxy']} (system allocator, "
+        f"HAProxy {versions['haproxy']}, oha {versions['oha']}, drainproxy {versions['drainproxy']} (default build: jemalloc, "
         f"`runtime.threads: 1`). App (nginx, static files, one worker) and proxy share CPU 1; the load generator runs alone "
         f"on CPU 0 (wrk -t1 -c32; h2load -c32 -m10; oha -c32, one worker thread). {args.reps} interleaved repetitions of "
         f"{args.seconds} s; medians. Command: `bench/proxy/bench.py`{' --quick' if args.quick else ''}.",
         "",
         "## Throughput and CPU per request",
         "",
-        "CPU is the proxy's user + system time over the requests it served; the last two columns split drainproxy's.",
+        "CPU is the proxy's time over the requests it served, in µs per request: user + kernel = total.",
         "",
-        "| workload | direct req/s | drainproxy req/s | nginx req/s | HAProxy req/s | drainproxy / best peer | CPU µs/req drainproxy | nginx | HAProxy | CPU ratio to best peer | drainproxy user µs | kernel µs |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| workload | direct req/s | drainproxy req/s | nginx req/s | HAProxy req/s | drainproxy / best peer | CPU drainproxy | CPU nginx | CPU HAProxy | CPU ratio to best peer |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     ratios, cpu_ratios = {}, {}
     for w in WORKLOADS:
@@ -423,9 +442,9 @@ def render(results, latency, errors, memory, allocators, args):
         best_cpu = min(us[p] for p in PEERS if us[p] is not None)
         ratios[w] = rps["drainproxy"] / best
         cpu_ratios[w] = us["drainproxy"] / best_cpu
+        split = lambda t: f"{user[t]:.1f} + {system[t]:.1f} = **{us[t]:.1f}**"
         lines.append(f"| {w} | {fmt(rps['direct'])} | {fmt(rps['drainproxy'])} | {fmt(rps['nginx'])} | {fmt(rps['haproxy'])} | "
-                     f"**{ratios[w]:.2f}×** | {fmt(us['drainproxy'], 1)} | {fmt(us['nginx'], 1)} | {fmt(us['haproxy'], 1)} | "
-                     f"{cpu_ratios[w]:.2f} | {fmt(user['drainproxy'], 1)} | {fmt(system['drainproxy'], 1)} |")
+                     f"**{ratios[w]:.2f}×** | {split('drainproxy')} | {split('nginx')} | {split('haproxy')} | {cpu_ratios[w]:.2f} |")
     lines += ["", "## Open-loop latency", "",
               "oha at a fixed rate with `--latency-correction` (coordinated omission corrected), HTTP/1.1 keep-alive, "
               "0 B responses. Direct: the app's own latency; for each proxy, what it adds over direct (ms).", "",
@@ -454,7 +473,8 @@ def render(results, latency, errors, memory, allocators, args):
         rows, runs = allocators
         acols = list(next(iter(rows.values())).keys())
         lines += ["", "## Allocators", "",
-                  "drainproxy built with each global allocator (`cargo build --release --features jemalloc|mimalloc`), "
+                  "drainproxy built with each global allocator (`cargo build --release` for jemalloc, the default; "
+                  "`--no-default-features` for the system's; `--features mimalloc`), "
                   "run side by side against the same app; RSS in KiB.", "",
                   "| allocator | h1 0 B req/s | CPU µs/req | h2 1 KiB req/s | CPU µs/req | " + " | ".join(f"RSS {c}" for c in acols) + " |",
                   "|---|---|---|---|---|" + "---|" * len(acols)]
@@ -464,6 +484,17 @@ def render(results, latency, errors, memory, allocators, args):
             lines.append(f"| {name} | {fmt(med([r for r, _ in h1]))} | {fmt(med([u for _, u in h1]), 1)} | "
                          f"{fmt(med([r for r, _ in h2]))} | {fmt(med([u for _, u in h2]), 1)} | "
                          + " | ".join(fmt(v) for v in row.values()) + " |")
+    lines += ["", "## Commands", "", "Each run, as the bench issues it (`S` seconds, `PORT` the target's port, `R` the rate):", "", "```",
+              "taskset -c 0 wrk -t1 -c32 -dSs http://127.0.0.1:PORT/0            # and /1k, /16k, /1m",
+              "taskset -c 0 wrk -t1 -c32 -dSs -s post.lua http://127.0.0.1:PORT/post   # 16 KiB POST bodies",
+              "taskset -c 0 wrk -t1 -c32 -dSs -H 'Connection: close' http://127.0.0.1:PORT/1k",
+              "taskset -c 0 h2load -c32 -m10 -D S http://127.0.0.1:PORT/1k",
+              "taskset -c 0 oha -z Ss -w -q R -c 32 --latency-correction --no-tui --output-format json --worker-threads 1 http://127.0.0.1:PORT/0",
+              "```",
+              "",
+              "The app, nginx, HAProxy and drainproxy are started with `taskset -c 1`; their configurations are written by "
+              "`bench/proxy/bench.py` (class `Stack`). CPU time is read from `/proc/<pid>/stat` (utime, stime) before and "
+              "after each run, RSS from `/proc/<pid>/status` (VmRSS; VmHWM for the peak)."]
     # The targets, each with its verdict.
     mem = memory["drainproxy"]
     check = lambda ok: "met" if ok else "**missed**"
