@@ -495,6 +495,20 @@ def render(results, latency, errors, memory, allocators, args):
               "The app, nginx, HAProxy and drainproxy are started with `taskset -c 1`; their configurations are written by "
               "`bench/proxy/bench.py` (class `Stack`). CPU time is read from `/proc/<pid>/stat` (utime, stime) before and "
               "after each run, RSS from `/proc/<pid>/status` (VmRSS; VmHWM for the peak)."]
+    # What bounds the small-response figures, computed from this run.
+    w = "h1 0 B"
+    u = {t: med([r[1] for r in results[(w, t)]]) for t in PROXIES}
+    k = {t: med([r[2] for r in results[(w, t)]]) for t in PROXIES}
+    r = {t: med([x[0] for x in results[(w, t)]]) for t in PORTS}
+    best = max(PEERS, key=lambda t: r[t])
+    app_us = 1e6 / r[best] - (u[best] + k[best])  # the app's share of the core per request
+    bound = 1e6 / (app_us + k["drainproxy"])
+    lines += ["", "## What limits the small-response figures", "",
+              f"On {w}, kernel time per request is {k['drainproxy']:.1f} µs for drainproxy, {k['nginx']:.1f} for nginx and "
+              f"{k['haproxy']:.1f} for HAProxy: each makes the same four socket calls per request (`strace -c`). User time is "
+              f"{u['drainproxy']:.1f}, {u['nginx']:.1f} and {u['haproxy']:.1f} µs. The app takes about {app_us:.1f} µs of the "
+              f"shared core per request, so drainproxy with no user time at all would reach about {bound:,.0f} req/s, "
+              f"{bound / r[best]:.2f}× the better peer, at {k['drainproxy'] / (u[best] + k[best]):.2f}× its CPU."]
     # The targets, each with its verdict.
     mem = memory["drainproxy"]
     check = lambda ok: "met" if ok else "**missed**"
