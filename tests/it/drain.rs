@@ -104,13 +104,16 @@ async fn keep_alive_client_sees_connection_close_on_its_first_response_after_dra
     assert_eq!(metric(&m, "drainproxy_drain_connections_closed_total", &[("how", "connection_close")]), 1.0);
 }
 
-#[tokio::test]
-async fn idle_keep_alive_is_closed_at_min_delay_and_not_before() {
+/// An idle keep-alive (parked or not yet) is closed at `min_delay`, not before.
+async fn idle_keep_alive_closes_at_min_delay(parked: bool) {
     let app = app().await;
     let min_delay = Duration::from_millis(400);
     let p = ready_proxy(app.addr, |c| c.drain.min_delay = Dur(min_delay)).await;
     let mut c = h1(p.proxy_addr).await;
     assert_eq!(c.get("/").await.status, 200);
+    if parked {
+        tokio::time::timeout(Duration::from_secs(5), p.activity.wait_parked(1)).await.expect("connection parked");
+    }
     let t0 = Instant::now();
     start_drain(&p).await;
     tokio::time::timeout(Duration::from_secs(5), &mut c.conn).await.expect("idle keep-alive closed").ok();
@@ -118,6 +121,17 @@ async fn idle_keep_alive_is_closed_at_min_delay_and_not_before() {
     assert!(closed_after >= min_delay - Duration::from_millis(20), "closed at {closed_after:?}, before min_delay");
     let m = metrics(&p).await;
     assert_eq!(metric(&m, "drainproxy_drain_connections_closed_total", &[("how", "idle_close")]), 1.0);
+    assert_eq!(p.activity.parked(), 0);
+}
+
+#[tokio::test]
+async fn idle_keep_alive_is_closed_at_min_delay_and_not_before() {
+    idle_keep_alive_closes_at_min_delay(false).await;
+}
+
+#[tokio::test]
+async fn a_parked_keep_alive_is_closed_at_min_delay_and_not_before() {
+    idle_keep_alive_closes_at_min_delay(true).await;
 }
 
 #[tokio::test]
@@ -349,22 +363,4 @@ async fn a_connection_opened_after_min_delay_still_gets_its_request_forwarded() 
     assert_eq!(metric(&m, "drainproxy_drain_connections_closed_total", &[("how", "idle_close")]), 0.0);
     app.state.hold.release.notify_one();
     held.await.unwrap();
-}
-
-#[tokio::test]
-async fn a_parked_keep_alive_is_closed_at_min_delay_and_not_before() {
-    let app = app().await;
-    let min_delay = Duration::from_millis(400);
-    let p = ready_proxy(app.addr, |c| c.drain.min_delay = Dur(min_delay)).await;
-    let mut c = h1(p.proxy_addr).await;
-    assert_eq!(c.get("/").await.status, 200);
-    tokio::time::timeout(Duration::from_secs(5), p.activity.wait_parked(1)).await.expect("connection parked");
-    let t0 = Instant::now();
-    start_drain(&p).await;
-    tokio::time::timeout(Duration::from_secs(5), &mut c.conn).await.expect("parked keep-alive closed").ok();
-    let closed_after = t0.elapsed();
-    assert!(closed_after >= min_delay - Duration::from_millis(20), "closed at {closed_after:?}, before min_delay");
-    let m = metrics(&p).await;
-    assert_eq!(metric(&m, "drainproxy_drain_connections_closed_total", &[("how", "idle_close")]), 1.0);
-    assert_eq!(p.activity.parked(), 0);
 }

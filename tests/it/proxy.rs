@@ -315,15 +315,20 @@ async fn live_and_metrics_answer_with_the_contract_names() {
     assert_eq!(metric(&m, "drainproxy_phase", &[("phase", "ready")]), 1.0);
 }
 
+/// A proxy with a short pool idle timeout and one health probe at start, then none during
+/// the test: only proxied requests connect to the app.
+async fn proxy_with_pool_idle_timeout(app: std::net::SocketAddr, ms: u64) -> drainproxy::app::Running {
+    ready_proxy(app, |c| {
+        c.health.interval = drainproxy::config::Dur::secs(30);
+        c.upstream.pool_idle_timeout = drainproxy::config::Dur::millis(ms);
+    })
+    .await
+}
+
 #[tokio::test]
 async fn pooled_app_connections_are_reused_but_not_past_the_pool_idle_timeout() {
     let app = app().await;
-    // One health probe at start, then none during the test: only proxied requests connect.
-    let p = ready_proxy(app.addr, |c| {
-        c.health.interval = drainproxy::config::Dur::secs(30);
-        c.upstream.pool_idle_timeout = drainproxy::config::Dur::millis(150);
-    })
-    .await;
+    let p = proxy_with_pool_idle_timeout(app.addr, 150).await;
     let conns = || app.state.connections.load(std::sync::atomic::Ordering::SeqCst);
     let mut c = h1(p.proxy_addr).await;
     assert_eq!(c.get("/").await.status, 200);
@@ -340,11 +345,7 @@ async fn pooled_app_connections_are_reused_but_not_past_the_pool_idle_timeout() 
 #[tokio::test]
 async fn pooled_app_connections_are_closed_once_idle_past_the_pool_idle_timeout() {
     let app = app().await;
-    let p = ready_proxy(app.addr, |c| {
-        c.health.interval = drainproxy::config::Dur::secs(30);
-        c.upstream.pool_idle_timeout = drainproxy::config::Dur::millis(200);
-    })
-    .await;
+    let p = proxy_with_pool_idle_timeout(app.addr, 200).await;
     let mut c = h1(p.proxy_addr).await;
     assert_eq!(c.get("/").await.status, 200);
     // No further request: the reaper, not a checkout, must close the pooled connection, so
