@@ -76,7 +76,7 @@ impl ProxyService {
         ProxyService { proxy, conn, peer, peer_ip, h2 }
     }
 
-    async fn handle(self, req: Request<Incoming>) -> Response<ResponseBody> {
+    async fn handle(self, req: Request<Incoming>) -> Result<Response<ResponseBody>, Infallible> {
         let mut req = req.map(|b| RequestBody::new(b, if self.h2 { None } else { Some(&self.conn) }));
         let start = Instant::now();
         let p = &*self.proxy;
@@ -89,16 +89,18 @@ impl ProxyService {
             let path = req.uri().path_and_query().map_or("/", |pq| pq.as_str()).to_string();
             guard.set_access(AccessInfo { method: req.method().clone(), path, peer: self.peer });
         }
-        let upgrade = !self.h2 && is_upgrade_request(req.headers());
+        let seen = Seen::scan(req.headers());
+        let upgrade = !self.h2 && seen.is_upgrade_request(req.headers());
         let client_upgrade = if upgrade { Some(hyper::upgrade::on(&mut req)) } else { None };
 
         let result = if phase == Phase::Drained {
             // Released: the app may be stopping now. Not forwarding is the safe answer.
             Err(ProxyError::Released)
         } else {
-            self.prepare(&mut req, upgrade);
+            self.prepare(&mut req, upgrade, seen);
             if upgrade {
-                p.upstream.send_upgrade(req).await.map(|r| (r, None))
+                // Boxed: rare, and its connect would make every request's future larger.
+                Box::pin(p.upstream.send_upgrade(req)).await.map(|r| (r, None))
             } else {
                 p.upstream.send(req).await
             }
@@ -106,7 +108,7 @@ impl ProxyService {
 
         let mut res = match result {
             Ok((res, _)) if upgrade && res.status() == StatusCode::SWITCHING_PROTOCOLS => {
-                return self.start_tunnel(res, client_upgrade, guard);
+                return Ok(self.start_tunnel(res, client_upgrade, guard));
             }
             Ok((res, pooled)) => into_client_response(res, pooled),
             Err(error) => {
@@ -136,14 +138,15 @@ impl ProxyService {
             p.acct.metrics.connection_closed(CloseHow::ConnectionClose);
         }
         guard.set_status(res.status().as_u16());
-        res.map(|b| b.with_guard(guard))
+        Ok(res.map(|b| b.with_guard(guard)))
     }
 
     /// Rewrites the request for the app: hop-by-hop headers out, forwarding headers in,
-    /// the URI in the form the app's protocol wants.
-    fn prepare(&self, req: &mut Request<RequestBody>, upgrade: bool) {
+    /// the URI in the form the app's protocol wants. `seen`: what [`Seen::scan`] found in the
+    /// request's headers.
+    fn prepare(&self, req: &mut Request<RequestBody>, upgrade: bool, seen: Seen) {
         let h2_upstream = self.proxy.upstream.protocol() == UpstreamProtocol::H2c && !upgrade;
-        let host = match req.headers().get(header::HOST) {
+        let host = match &seen.host {
             Some(h) => h.clone(),
             None => req
                 .uri()
@@ -152,24 +155,26 @@ impl ProxyService {
                 .unwrap_or_else(|| self.proxy.fallback_host.clone()),
         };
         let headers = req.headers_mut();
-        let wants_trailers = has_token(headers, &header::TE, "trailers");
+        let wants_trailers = h2_upstream && seen.has(Seen::TE) && has_token(headers, &header::TE, "trailers");
         let upgrade_proto = if upgrade { headers.get(header::UPGRADE).cloned() } else { None };
-        strip_hop_by_hop(headers);
+        let seen = seen.strip_hop_by_hop(headers);
         if let Some(proto) = upgrade_proto {
             headers.insert(header::UPGRADE, proto);
             headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         }
-        if wants_trailers && h2_upstream {
+        if wants_trailers {
             // gRPC servers require `te: trailers`; it is the one TE value HTTP/2 allows.
             headers.insert(header::TE, HeaderValue::from_static("trailers"));
         }
-        append(headers, &X_FORWARDED_FOR, &self.peer_ip);
-        append(headers, &X_FORWARDED_PROTO, &HeaderValue::from_static("http"));
-        append(headers, &X_FORWARDED_HOST, &host);
+        append(headers, &X_FORWARDED_FOR, &self.peer_ip, seen.has(Seen::X_FORWARDED_FOR));
+        append(headers, &X_FORWARDED_PROTO, &HeaderValue::from_static("http"), seen.has(Seen::X_FORWARDED_PROTO));
+        append(headers, &X_FORWARDED_HOST, &host, seen.has(Seen::X_FORWARDED_HOST));
 
         if h2_upstream {
             // HTTP/2 carries the host as :authority; the app sees the client's host.
-            headers.remove(header::HOST);
+            if seen.has(Seen::HOST) {
+                headers.remove(header::HOST);
+            }
             let mut uri = std::mem::take(req.uri_mut()).into_parts();
             uri.scheme = Some(Scheme::HTTP);
             uri.authority = Authority::try_from(host.as_bytes())
@@ -181,7 +186,7 @@ impl ProxyService {
             *req.uri_mut() = Uri::from_parts(uri).unwrap_or_default();
             *req.version_mut() = Version::HTTP_2;
         } else {
-            if !headers.contains_key(header::HOST) {
+            if !seen.has(Seen::HOST) {
                 headers.insert(header::HOST, host);
             }
             if req.uri().scheme().is_some() {
@@ -201,7 +206,7 @@ impl ProxyService {
     ) -> Response<ResponseBody> {
         let upstream = hyper::upgrade::on(&mut res);
         let proto = res.headers().get(header::UPGRADE).cloned();
-        strip_hop_by_hop(res.headers_mut());
+        Seen::scan(res.headers()).strip_hop_by_hop(res.headers_mut());
         if let Some(proto) = proto {
             res.headers_mut().insert(header::UPGRADE, proto);
         }
@@ -242,19 +247,125 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move { Ok(this.handle(req).await) })
+        Box::pin(self.clone().handle(req))
     }
 }
 
 fn into_client_response(res: Response<Incoming>, pooled: Option<Pooled>) -> Response<ResponseBody> {
     let (mut parts, body) = res.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
+    Seen::scan(&parts.headers).strip_hop_by_hop(&mut parts.headers);
     Response::from_parts(parts, ResponseBody::upstream(body, pooled))
 }
 
-fn is_upgrade_request(h: &HeaderMap) -> bool {
-    h.contains_key(header::UPGRADE) && has_token(h, &header::CONNECTION, "upgrade")
+/// The headers a proxy acts on, found in one pass over a header map: one comparison per
+/// header present, where asking the map about each name would hash every name asked about.
+#[derive(Default)]
+struct Seen {
+    bits: u16,
+    /// The first `Host` value.
+    host: Option<HeaderValue>,
+}
+
+impl Seen {
+    const CONNECTION: u16 = 1;
+    const KEEP_ALIVE: u16 = 1 << 1;
+    const PROXY_CONNECTION: u16 = 1 << 2;
+    const TE: u16 = 1 << 3;
+    const TRANSFER_ENCODING: u16 = 1 << 4;
+    const UPGRADE: u16 = 1 << 5;
+    const HOP_BY_HOP: u16 = (1 << 6) - 1;
+    const HOST: u16 = 1 << 6;
+    const X_FORWARDED_FOR: u16 = 1 << 7;
+    const X_FORWARDED_PROTO: u16 = 1 << 8;
+    const X_FORWARDED_HOST: u16 = 1 << 9;
+
+    fn scan(h: &HeaderMap) -> Seen {
+        let mut seen = Seen::default();
+        for (name, value) in h {
+            let bit = Self::bit(name);
+            if bit == Self::HOST && seen.host.is_none() {
+                seen.host = Some(value.clone());
+            }
+            seen.bits |= bit;
+        }
+        seen
+    }
+
+    fn bit(name: &HeaderName) -> u16 {
+        // Standard names compare as enum values, custom ones as bytes.
+        if name == header::HOST {
+            Self::HOST
+        } else if name == header::CONNECTION {
+            Self::CONNECTION
+        } else if name == header::TE {
+            Self::TE
+        } else if name == header::TRANSFER_ENCODING {
+            Self::TRANSFER_ENCODING
+        } else if name == header::UPGRADE {
+            Self::UPGRADE
+        } else if name == KEEP_ALIVE {
+            Self::KEEP_ALIVE
+        } else if name == PROXY_CONNECTION {
+            Self::PROXY_CONNECTION
+        } else if name == X_FORWARDED_FOR {
+            Self::X_FORWARDED_FOR
+        } else if name == X_FORWARDED_PROTO {
+            Self::X_FORWARDED_PROTO
+        } else if name == X_FORWARDED_HOST {
+            Self::X_FORWARDED_HOST
+        } else {
+            0
+        }
+    }
+
+    fn has(&self, bit: u16) -> bool {
+        self.bits & bit != 0
+    }
+
+    fn is_upgrade_request(&self, h: &HeaderMap) -> bool {
+        self.has(Self::UPGRADE) && self.has(Self::CONNECTION) && has_token(h, &header::CONNECTION, "upgrade")
+    }
+
+    /// Removes the hop-by-hop headers of RFC 9110 §7.6.1 from `h` (the map this was scanned
+    /// from), including every header named in `Connection`; returns what is left.
+    fn strip_hop_by_hop(self, h: &mut HeaderMap) -> Seen {
+        if self.bits & Self::HOP_BY_HOP == 0 {
+            return self;
+        }
+        let mut named_removed = false;
+        if self.has(Self::CONNECTION) {
+            // `close` names no header; `keep-alive` is removed below. Anything else is rare.
+            let named: Vec<HeaderName> = h
+                .get_all(header::CONNECTION)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .map(str::trim)
+                .filter(|t| !t.is_empty() && !t.eq_ignore_ascii_case("close") && !t.eq_ignore_ascii_case("keep-alive"))
+                .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+                .collect();
+            for name in named {
+                named_removed |= h.remove(name).is_some();
+            }
+            h.remove(header::CONNECTION);
+        }
+        for (bit, name) in [
+            (Self::KEEP_ALIVE, &KEEP_ALIVE),
+            (Self::PROXY_CONNECTION, &PROXY_CONNECTION),
+            (Self::TE, &header::TE),
+            (Self::TRANSFER_ENCODING, &header::TRANSFER_ENCODING),
+            (Self::UPGRADE, &header::UPGRADE),
+        ] {
+            if self.has(bit) {
+                h.remove(name);
+            }
+        }
+        if named_removed {
+            // `Connection` named a header this proxy acts on (Host, X-Forwarded-*): look again.
+            return Seen::scan(h);
+        }
+        Seen { bits: self.bits & !Self::HOP_BY_HOP, host: self.host }
+    }
 }
 
 /// Whether a comma-separated header contains `token` (case-insensitive).
@@ -269,28 +380,14 @@ fn has_token(h: &HeaderMap, name: &HeaderName, token: &str) -> bool {
 /// Removes the hop-by-hop headers of RFC 9110 §7.6.1, including every header named in
 /// `Connection`.
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
-    if h.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = h
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-            .collect();
-        for name in named {
-            h.remove(name);
-        }
-        h.remove(header::CONNECTION);
-    }
-    for name in [&KEEP_ALIVE, &PROXY_CONNECTION, &header::TE, &header::TRANSFER_ENCODING, &header::UPGRADE] {
-        h.remove(name);
-    }
+    Seen::scan(h).strip_hop_by_hop(h);
 }
 
-/// Appends `value` to a comma-separated header, joining repeated lines into one.
-fn append(h: &mut HeaderMap, name: &HeaderName, value: &HeaderValue) {
-    if !h.contains_key(name) {
-        h.insert(name.clone(), value.clone());
+/// Appends `value` to a comma-separated header, joining repeated lines into one. `present`:
+/// whether `h` has the header already.
+fn append(h: &mut HeaderMap, name: &HeaderName, value: &HeaderValue, present: bool) {
+    if !present {
+        h.append(name, value.clone());
         return;
     }
     let mut joined = Vec::with_capacity(64);
@@ -323,13 +420,37 @@ mod tests {
     }
 
     #[test]
+    fn a_header_the_proxy_sets_that_connection_names_is_set_afresh() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("Host, X-Forwarded-For"));
+        h.insert(header::HOST, HeaderValue::from_static("a.example"));
+        h.insert(&X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.9"));
+        let seen = Seen::scan(&h);
+        assert!(seen.has(Seen::HOST) && seen.has(Seen::X_FORWARDED_FOR));
+        assert_eq!(seen.host.as_ref().map(|v| v.as_bytes()), Some(&b"a.example"[..]));
+        let seen = seen.strip_hop_by_hop(&mut h);
+        assert!(h.is_empty(), "{h:?}");
+        // What is left must say so, or the proxy would not put Host back.
+        assert!(!seen.has(Seen::HOST) && !seen.has(Seen::X_FORWARDED_FOR) && !seen.has(Seen::CONNECTION));
+    }
+
+    #[test]
+    fn an_upgrade_needs_both_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        assert!(!Seen::scan(&h).is_upgrade_request(&h));
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, Upgrade"));
+        assert!(Seen::scan(&h).is_upgrade_request(&h));
+    }
+
+    #[test]
     fn forwarding_headers_are_appended() {
         let mut h = HeaderMap::new();
         h.append(&X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.1"));
         h.append(&X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.2"));
-        append(&mut h, &X_FORWARDED_FOR, &HeaderValue::from_static("127.0.0.1"));
+        append(&mut h, &X_FORWARDED_FOR, &HeaderValue::from_static("127.0.0.1"), true);
         assert_eq!(h[&X_FORWARDED_FOR], "10.0.0.1, 10.0.0.2, 127.0.0.1");
-        append(&mut h, &X_FORWARDED_PROTO, &HeaderValue::from_static("http"));
+        append(&mut h, &X_FORWARDED_PROTO, &HeaderValue::from_static("http"), false);
         assert_eq!(h[&X_FORWARDED_PROTO], "http");
     }
 }

@@ -111,7 +111,12 @@ pub struct ConnCtx {
 impl ConnCtx {
     pub fn new(proxy: Arc<Proxy>, limits: &LimitsConfig) -> Self {
         let mut h1 = http1::Builder::new();
+        // half_close: a client that shuts its write side after its request still gets the
+        // response, and a request the app is working on stays in flight until the app answers
+        // even if its client leaves. (It also spares hyper a read, and a fresh read buffer,
+        // per request while the response is awaited.)
         h1.timer(TokioTimer::new())
+            .half_close(true)
             .header_read_timeout(limits.header_read_timeout.0)
             .max_buf_size(limits.max_header_bytes.max(8192));
         let mut h2 = http2::Builder::new(TokioExecutor::new());

@@ -84,25 +84,19 @@ impl Upstream {
     ) -> Result<(Response<Incoming>, Option<Pooled>), ProxyError> {
         match self.protocol {
             UpstreamProtocol::Http1 => self.send_h1(req).await,
-            UpstreamProtocol::H2c => self.send_h2(req).await.map(|r| (r, None)),
+            // Boxed: the HTTP/1.1 path is the common one and need not carry this one's size.
+            UpstreamProtocol::H2c => Box::pin(self.send_h2(req)).await.map(|r| (r, None)),
         }
     }
 
     /// Sends an upgrade request (WebSocket) on a connection of its own, never pooled.
     pub async fn send_upgrade(&self, req: Request<RequestBody>) -> Result<Response<Incoming>, ProxyError> {
         let mut sender = self.connect_h1().await?;
-        let res = self.with_timeout(sender.try_send_request(req)).await?;
+        let res = with_timeout(self.request_timeout, sender.try_send_request(req)).await?;
         res.map_err(|mut e| match e.take_message() {
             Some(_) => ProxyError::NotSent(e.into_error()),
             None => ProxyError::Upstream(e.into_error()),
         })
-    }
-
-    async fn with_timeout<F: std::future::Future>(&self, fut: F) -> Result<F::Output, ProxyError> {
-        match self.request_timeout {
-            Some(t) => tokio::time::timeout(t, fut).await.map_err(|_| ProxyError::Timeout),
-            None => Ok(fut.await),
-        }
     }
 
     async fn send_h1(
@@ -115,9 +109,16 @@ impl Upstream {
             let reused = pooled.is_some();
             let mut sender = match pooled {
                 Some(s) => s,
-                None => self.connect_h1().await?,
+                // Boxed: connecting is rare next to reusing, and its future is large.
+                None => Box::pin(self.connect_h1()).await?,
             };
-            match self.with_timeout(sender.try_send_request(req)).await? {
+            let sent = match self.request_timeout {
+                None => sender.try_send_request(req).await,
+                Some(t) => {
+                    tokio::time::timeout(t, sender.try_send_request(req)).await.map_err(|_| ProxyError::Timeout)?
+                }
+            };
+            match sent {
                 Ok(res) => return Ok((res, Some(Pooled { sender, upstream: self.clone() }))),
                 Err(mut e) => match e.take_message() {
                     Some(back) if reused => {
@@ -136,7 +137,7 @@ impl Upstream {
         let mut fresh = false;
         loop {
             let mut sender = self.h2_sender(fresh).await?;
-            match self.with_timeout(sender.try_send_request(req)).await? {
+            match with_timeout(self.request_timeout, sender.try_send_request(req)).await? {
                 Ok(res) => return Ok(res),
                 Err(mut e) => match e.take_message() {
                     Some(back) if !fresh => {
@@ -256,5 +257,13 @@ impl Upstream {
     /// Idle pooled connections (for tests and `/status`).
     pub fn idle_connections(&self) -> usize {
         self.idle.lock().map(|v| v.len()).unwrap_or(0)
+    }
+}
+
+/// `fut` bounded by `upstream.request_timeout` when one is set.
+async fn with_timeout<F: std::future::Future>(timeout: Option<Duration>, fut: F) -> Result<F::Output, ProxyError> {
+    match timeout {
+        Some(t) => tokio::time::timeout(t, fut).await.map_err(|_| ProxyError::Timeout),
+        None => Ok(fut.await),
     }
 }

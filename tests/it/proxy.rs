@@ -231,6 +231,24 @@ async fn app_closing_pooled_connections_causes_no_errors() {
 }
 
 #[tokio::test]
+async fn a_client_that_shuts_its_write_side_after_the_request_still_gets_the_response() {
+    // `printf 'GET ...' | nc -N` and similar scripted clients send FIN right after the request.
+    // The app takes a while, so the FIN reaches the proxy before the response exists.
+    let app = app().await;
+    let p = ready_proxy(app.addr, |_| {}).await;
+    let mut s = TcpStream::connect(p.proxy_addr).await.unwrap();
+    s.write_all(b"GET /slow?ms=200 HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "connection not closed after the response");
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.starts_with("HTTP/1.1 200"), "no response: {text:?}");
+    assert!(text.ends_with("slow"), "{text:?}");
+    assert_eq!(app.state.requests.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
 async fn slowloris_is_cut_at_the_header_read_timeout() {
     let app = app().await;
     let p = ready_proxy(app.addr, |c| c.limits.header_read_timeout = drainproxy::config::Dur::millis(300)).await;
