@@ -35,6 +35,8 @@ pub struct ConnState {
     body_open: AtomicBool,
     /// The connection is being parked: ending it must not shut the socket down.
     parking: AtomicBool,
+    /// The connection was upgraded (a tunnel): a shutdown must reach the socket.
+    upgraded: AtomicBool,
 }
 
 impl ConnState {
@@ -46,6 +48,7 @@ impl ConnState {
             last_done_ms: AtomicU64::new(0),
             body_open: AtomicBool::new(false),
             parking: AtomicBool::new(false),
+            upgraded: AtomicBool::new(false),
         }
     }
     /// Requests begun on this connection so far.
@@ -61,6 +64,12 @@ impl ConnState {
     }
     pub fn is_parking(&self) -> bool {
         self.parking.load(Relaxed)
+    }
+    pub fn set_upgraded(&self) {
+        self.upgraded.store(true, Relaxed);
+    }
+    pub fn is_upgraded(&self) -> bool {
+        self.upgraded.load(Relaxed)
     }
     pub fn active(&self) -> u32 {
         self.active.load(Relaxed)

@@ -212,6 +212,7 @@ impl ProxyService {
         }
         res.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         guard.set_status(101);
+        self.conn.set_upgraded();
         let mut state = self.proxy.state.clone();
         let peer = self.peer;
         tokio::spawn(async move {

@@ -37,10 +37,13 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// burst of connects is absorbed.
 pub const BACKLOG: u32 = 1024;
 
-/// Binds a listening socket with `SO_REUSEADDR` (so the port can be reopened on resume).
+/// Binds a listening socket with `SO_REUSEADDR` (so the port can be reopened on resume) and
+/// `TCP_NODELAY`, which accepted sockets inherit: small responses must not wait for Nagle's
+/// algorithm, and setting it on the listener spares a syscall per connection.
 pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
     socket.set_reuseaddr(true)?;
+    socket.set_nodelay(true)?;
     socket.bind(addr)?;
     socket.listen(BACKLOG)
 }
@@ -191,7 +194,6 @@ async fn serve_proxy_conn(
     peer: SocketAddr,
     _permit: Option<OwnedSemaphorePermit>,
 ) {
-    let _ = stream.set_nodelay(true);
     let (mut io, h2) = match tokio::time::timeout(ctx.header_read_timeout, sniff(stream)).await {
         Ok(Ok(v)) => v,
         Ok(Err(error)) => {
@@ -459,7 +461,11 @@ impl AsyncWrite for Prefixed {
         Pin::new(&mut self.inner).poll_flush(cx)
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.conn.as_ref().is_some_and(|c| c.is_parking()) {
+        // HTTP/1.1: hyper shuts the write side when it ends a connection, and the socket is
+        // closed right after, which sends the same FIN: one syscall fewer per closed
+        // connection. A connection being parked must stay open. A tunnel (upgrade) needs the
+        // real half-close, to relay one side's end to the other.
+        if self.conn.as_ref().is_some_and(|c| !c.is_upgraded()) {
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.inner).poll_shutdown(cx)
@@ -468,6 +474,16 @@ impl AsyncWrite for Prefixed {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `serve_proxy_conn` does not set `TCP_NODELAY` itself: it relies on this.
+    #[tokio::test]
+    async fn accepted_connections_inherit_nodelay_from_the_listener() {
+        let l = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (accepted, _) = l.accept().await.unwrap();
+        assert!(accepted.nodelay().unwrap());
+        drop(client);
+    }
 
     /// Each client connection is one task as large as its future; idle HTTP/1.1 connections
     /// are the many, so the HTTP/2 branch (twice the size) must not set that size.

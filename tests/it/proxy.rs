@@ -121,6 +121,22 @@ async fn websocket_upgrade_echoes_both_ways() {
 }
 
 #[tokio::test]
+async fn a_tunnel_the_app_closes_is_closed_to_the_client() {
+    // The app ends the WebSocket (it answers the close and drops its socket); the client keeps
+    // its own side open and must see the end, which only a real half-close relays.
+    let app = app().await;
+    let p = ready_proxy(app.addr, |_| {}).await;
+    let stream = TcpStream::connect(p.proxy_addr).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async(format!("ws://{}/ws", p.proxy_addr), stream).await.unwrap();
+    ws.send("hello".into()).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap().into_text().unwrap().as_str(), "hello");
+    ws.close(None).await.unwrap();
+    let ended =
+        tokio::time::timeout(Duration::from_secs(5), async { while let Some(Ok(_)) = ws.next().await {} }).await;
+    assert!(ended.is_ok(), "the client never saw the tunnel end");
+}
+
+#[tokio::test]
 async fn app_refusing_connections_gets_503_with_retry_hint() {
     // A port with nothing listening.
     let dead = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
