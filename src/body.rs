@@ -37,6 +37,9 @@ pub struct ConnState {
     parking: AtomicBool,
     /// The connection was upgraded (a tunnel): a shutdown must reach the socket.
     upgraded: AtomicBool,
+    /// Bytes arrived between two messages: a request head is on its way (cleared when its
+    /// request starts). `server.rs` bounds how long it may take.
+    head_pending: AtomicBool,
 }
 
 impl ConnState {
@@ -49,6 +52,7 @@ impl ConnState {
             body_open: AtomicBool::new(false),
             parking: AtomicBool::new(false),
             upgraded: AtomicBool::new(false),
+            head_pending: AtomicBool::new(false),
         }
     }
     /// Requests begun on this connection so far.
@@ -64,6 +68,16 @@ impl ConnState {
     }
     pub fn is_parking(&self) -> bool {
         self.parking.load(Relaxed)
+    }
+    /// Called for each read that returned bytes.
+    pub fn bytes_read(&self) {
+        if self.at_message_boundary() && !self.head_pending.load(Relaxed) {
+            self.head_pending.store(true, Relaxed);
+        }
+    }
+    /// Part of a request head has arrived and its request has not started yet.
+    pub fn head_pending(&self) -> bool {
+        self.head_pending.load(Relaxed)
     }
     pub fn set_upgraded(&self) {
         self.upgraded.store(true, Relaxed);
@@ -119,6 +133,7 @@ impl RequestGuard {
         acct.activity.request_started(start);
         conn.active.fetch_add(1, Relaxed);
         conn.served.fetch_add(1, Relaxed);
+        conn.head_pending.store(false, Relaxed);
         RequestGuard { acct, conn, start, phase, status: 0, access: None }
     }
 

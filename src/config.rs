@@ -140,7 +140,8 @@ pub struct UpstreamConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
-    /// A client must send a complete request head within this time (slowloris).
+    /// Once the first byte of a request head has arrived, the complete head must arrive
+    /// within this time (slowloris). Idle keep-alives with no new head are `idle_timeout`'s.
     pub header_read_timeout: Dur,
     pub max_header_bytes: usize,
     /// A client connection with no request in flight for this long is closed.

@@ -118,10 +118,9 @@ impl ConnCtx {
         // response, and a request the app is working on stays in flight until the app answers
         // even if its client leaves. (It also spares hyper a read, and a fresh read buffer,
         // per request while the response is awaited.)
-        h1.timer(TokioTimer::new())
-            .half_close(true)
-            .header_read_timeout(limits.header_read_timeout.0)
-            .max_buf_size(limits.max_header_bytes.max(8192));
+        // No hyper timer: hyper's header read timeout arms a timer for every request; `drive`
+        // bounds a request head's arrival with the connection's own timer instead.
+        h1.half_close(true).header_read_timeout(None).max_buf_size(limits.max_header_bytes.max(8192));
         let mut h2 = http2::Builder::new(TokioExecutor::new());
         h2.timer(TokioTimer::new()).max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
         ConnCtx {
@@ -221,6 +220,8 @@ async fn serve_proxy_conn(
         return;
     }
     io.conn = Some(conn_state.clone());
+    // The sniffed bytes are the start of the first request head.
+    conn_state.bytes_read();
     loop {
         let served_before = conn_state.served();
         let mut conn = ctx.h1.serve_connection(TokioIo::new(io), svc).with_upgrades();
@@ -293,9 +294,17 @@ enum Ended {
     Parked,
 }
 
-/// Polls a connection to completion while applying the idle timeout and the drain, and
-/// parks idle HTTP/1.1 connections. `served_before`: requests this connection served before
-/// this HTTP connection was built (it is idle only once it has served one more).
+/// Polls a connection to completion while applying the idle timeout, the header read timeout
+/// and the drain, and parks idle HTTP/1.1 connections. `served_before`: requests this
+/// connection served before this HTTP connection was built (it is idle only once it has
+/// served one more).
+///
+/// The header read timeout (HTTP/1.1) runs on this connection's timer, not one per request:
+/// once bytes of a request head have arrived (`ConnState::head_pending`), the head must be
+/// complete within `header_read_timeout`, counted from when this connection was built if they
+/// were already there, else from the first check that sees them; checks come at least every
+/// `min(header_read_timeout, PARK_AFTER)` while a head is awaited, so a slow head is cut at
+/// most one of those late.
 async fn drive<C: Graceful>(
     mut conn: Pin<&mut C>,
     h2: bool,
@@ -304,12 +313,18 @@ async fn drive<C: Graceful>(
     ctx: &ConnCtx,
 ) -> Ended {
     let idle_timeout = ctx.idle_timeout;
+    let head_timeout = ctx.header_read_timeout;
+    let recheck = if h2 { idle_timeout.min(PARK_AFTER) } else { idle_timeout.min(PARK_AFTER).min(head_timeout) };
     let mut state = ctx.proxy.state.clone();
     // Evaluate the current state at once: a connection opened during a drain is told to
     // leave like the others.
     state.mark_changed();
     let mut told = false;
-    let idle = tokio::time::sleep(idle_timeout.min(PARK_AFTER));
+    // (requests served, when the pending head was first seen) for the head being awaited;
+    // bytes already here (sniffed, or what woke a parked connection) arrived just now.
+    let mut head_seen: Option<(u32, Instant)> =
+        (!h2 && conn_state.head_pending()).then(|| (conn_state.served(), Instant::now()));
+    let idle = tokio::time::sleep(recheck);
     tokio::pin!(idle);
     loop {
         tokio::select! {
@@ -348,14 +363,38 @@ async fn drive<C: Graceful>(
                     told = true;
                 }
             }
-            _ = &mut idle, if !told => {
+            _ = &mut idle => {
                 let now = Instant::now();
+                let head_deadline = if !h2 && conn_state.at_message_boundary() && conn_state.head_pending() {
+                    let served = conn_state.served();
+                    let since = match head_seen {
+                        Some((s, t)) if s == served => t,
+                        _ => head_seen.insert((served, now)).1,
+                    };
+                    Some(since + head_timeout)
+                } else {
+                    head_seen = None;
+                    None
+                };
+                if head_deadline.is_some_and(|d| now >= d) {
+                    debug!(header_read_timeout_ms = head_timeout.as_millis() as u64, "request head not complete within limits.header_read_timeout: closing");
+                    return Ended::Done;
+                }
+                if told {
+                    // Only the head's bound still applies; the connection is ending.
+                    idle.as_mut().reset(head_deadline.unwrap_or(now + recheck).into());
+                    continue;
+                }
                 let since = conn_state.idle_since();
-                let parkable = !h2 && conn_state.is_idle_keep_alive(served_before) && conn_state.at_message_boundary();
+                let parkable = !h2
+                    && head_deadline.is_none()
+                    && conn_state.is_idle_keep_alive(served_before)
+                    && conn_state.at_message_boundary();
                 if conn_state.active() == 0 && now >= since + idle_timeout {
                     debug!(idle_timeout_ms = idle_timeout.as_millis() as u64, "closing idle client connection");
                     conn.as_mut().graceful();
                     told = true;
+                    idle.as_mut().reset(head_deadline.unwrap_or(now + recheck).into());
                 } else if parkable && now >= since + PARK_AFTER {
                     // hyper ends an idle connection at once when asked to; the socket stays open.
                     conn_state.set_parking(true);
@@ -364,10 +403,15 @@ async fn drive<C: Graceful>(
                 } else {
                     let next = if conn_state.active() > 0 {
                         now + idle_timeout.min(PARK_AFTER)
+                    } else if let Some(d) = head_deadline {
+                        d.min(since + idle_timeout)
                     } else if parkable {
                         since + idle_timeout.min(PARK_AFTER)
-                    } else {
+                    } else if h2 {
                         since + idle_timeout
+                    } else {
+                        // Nothing pending yet: look again soon, in case a head starts.
+                        (since + idle_timeout).min(now + recheck)
                     };
                     idle.as_mut().reset(next.max(now).into());
                 }
@@ -437,9 +481,19 @@ impl AsyncRead for Prefixed {
                 // Release the sniffing buffer: idle connections are many and long-lived.
                 self.prefix = Bytes::new();
             }
+            if let Some(c) = &self.conn {
+                c.bytes_read();
+            }
             return Poll::Ready(Ok(()));
         }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Some(c) = &self.conn {
+            if buf.filled().len() > before {
+                c.bytes_read();
+            }
+        }
+        polled
     }
 }
 

@@ -246,6 +246,73 @@ async fn app_closing_pooled_connections_causes_no_errors() {
     }
 }
 
+/// Reads one response to `GET /` from the test app (its body is `ok`).
+async fn read_ok_response(s: &mut TcpStream) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 1024];
+    while !buf.ends_with(b"\r\n\r\nok") {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk)).await.unwrap().unwrap();
+        assert!(n > 0, "closed before the response: {:?}", String::from_utf8_lossy(&buf));
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+#[tokio::test]
+async fn a_slow_head_on_a_keep_alive_connection_is_cut_at_the_header_read_timeout() {
+    // The second request's head dribbles in and never ends. Longer than the 1 s after which
+    // idle keep-alives are parked, so parking must not restart its clock.
+    let app = app().await;
+    let p = ready_proxy(app.addr, |c| {
+        c.limits.header_read_timeout = drainproxy::config::Dur::millis(1500);
+        c.limits.idle_timeout = drainproxy::config::Dur::secs(60);
+    })
+    .await;
+    let mut s = TcpStream::connect(p.proxy_addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
+    read_ok_response(&mut s).await;
+    let start = Instant::now();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\nX-Slow: ").await.unwrap();
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    let mut closed_after = None;
+    for _ in 0..50 {
+        tick.tick().await;
+        if s.write_all(b"x").await.is_err() {
+            closed_after = Some(start.elapsed());
+            break;
+        }
+        let mut byte = [0u8; 1];
+        if let Ok(read) = tokio::time::timeout(Duration::from_millis(1), s.read(&mut byte)).await {
+            assert!(matches!(read, Ok(0) | Err(_)), "unexpected bytes");
+            closed_after = Some(start.elapsed());
+            break;
+        }
+    }
+    let took = closed_after.expect("slow head never cut");
+    assert!(took >= Duration::from_millis(1400), "cut too early: {took:?}");
+    // Bound: the timeout, plus one check interval (min(timeout, 1 s)), plus slack.
+    assert!(took < Duration::from_millis(3500), "cut too late: {took:?}");
+    assert_eq!(app.state.requests.load(std::sync::atomic::Ordering::SeqCst), 1, "the slow head was not forwarded");
+}
+
+#[tokio::test]
+async fn an_idle_keep_alive_is_not_cut_by_the_header_read_timeout() {
+    // Between requests, with no byte of a new head, idle_timeout governs, not the header's.
+    let app = app().await;
+    let p = ready_proxy(app.addr, |c| {
+        c.limits.header_read_timeout = drainproxy::config::Dur::millis(200);
+        c.limits.idle_timeout = drainproxy::config::Dur::secs(60);
+    })
+    .await;
+    let mut s = TcpStream::connect(p.proxy_addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
+    read_ok_response(&mut s).await;
+    // Idle for several header timeouts (and across parking, at 1 s).
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
+    read_ok_response(&mut s).await;
+    assert_eq!(app.state.requests.load(std::sync::atomic::Ordering::SeqCst), 2);
+}
+
 #[tokio::test]
 async fn a_client_that_shuts_its_write_side_after_the_request_still_gets_the_response() {
     // `printf 'GET ...' | nc -N` and similar scripted clients send FIN right after the request.
