@@ -265,6 +265,9 @@ struct Seen {
     bits: u16,
     /// The first `Host` value.
     host: Option<HeaderValue>,
+    /// A `Connection` value is other than the usual `keep-alive` or `close`: it may name
+    /// headers to remove.
+    connection_names: bool,
 }
 
 impl Seen {
@@ -286,6 +289,9 @@ impl Seen {
             let bit = Self::bit(name);
             if bit == Self::HOST && seen.host.is_none() {
                 seen.host = Some(value.clone());
+            } else if bit == Self::CONNECTION {
+                let v = value.as_bytes();
+                seen.connection_names |= !v.eq_ignore_ascii_case(b"keep-alive") && !v.eq_ignore_ascii_case(b"close");
             }
             seen.bits |= bit;
         }
@@ -334,7 +340,7 @@ impl Seen {
             return self;
         }
         let mut named_removed = false;
-        if self.has(Self::CONNECTION) {
+        if self.connection_names {
             // `close` names no header; `keep-alive` is removed below. Anything else is rare.
             let named: Vec<HeaderName> = h
                 .get_all(header::CONNECTION)
@@ -348,6 +354,8 @@ impl Seen {
             for name in named {
                 named_removed |= h.remove(name).is_some();
             }
+        }
+        if self.has(Self::CONNECTION) {
             h.remove(header::CONNECTION);
         }
         for (bit, name) in [
@@ -365,7 +373,7 @@ impl Seen {
             // `Connection` named a header this proxy acts on (Host, X-Forwarded-*): look again.
             return Seen::scan(h);
         }
-        Seen { bits: self.bits & !Self::HOP_BY_HOP, host: self.host }
+        Seen { bits: self.bits & !Self::HOP_BY_HOP, host: self.host, connection_names: false }
     }
 }
 
@@ -433,6 +441,22 @@ mod tests {
         assert!(h.is_empty(), "{h:?}");
         // What is left must say so, or the proxy would not put Host back.
         assert!(!seen.has(Seen::HOST) && !seen.has(Seen::X_FORWARDED_FOR) && !seen.has(Seen::CONNECTION));
+    }
+
+    #[test]
+    fn every_connection_line_is_read_for_names() {
+        let mut h = HeaderMap::new();
+        h.append(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+        h.append(header::CONNECTION, HeaderValue::from_static("x-a"));
+        h.insert("x-a", HeaderValue::from_static("1"));
+        h.insert("x-b", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-b"]);
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("Close"));
+        h.insert("x-b", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-b"]);
     }
 
     #[test]
