@@ -257,19 +257,26 @@ async fn read_ok_response(s: &mut TcpStream) {
     }
 }
 
-#[tokio::test]
-async fn a_slow_head_on_a_keep_alive_connection_is_cut_at_the_header_read_timeout() {
-    // The second request's head dribbles in and never ends. Longer than the 1 s after which
-    // idle keep-alives are parked, so parking must not restart its clock.
+/// A proxy with the given header read timeout (and a long idle timeout), and a client
+/// connection to it that has been answered once and is kept alive.
+async fn keep_alive_that_served_one(header_read_ms: u64) -> (App, drainproxy::app::Running, TcpStream) {
     let app = app().await;
     let p = ready_proxy(app.addr, |c| {
-        c.limits.header_read_timeout = drainproxy::config::Dur::millis(1500);
+        c.limits.header_read_timeout = drainproxy::config::Dur::millis(header_read_ms);
         c.limits.idle_timeout = drainproxy::config::Dur::secs(60);
     })
     .await;
     let mut s = TcpStream::connect(p.proxy_addr).await.unwrap();
     s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
     read_ok_response(&mut s).await;
+    (app, p, s)
+}
+
+#[tokio::test]
+async fn a_slow_head_on_a_keep_alive_connection_is_cut_at_the_header_read_timeout() {
+    // The second request's head dribbles in and never ends. Longer than the 1 s after which
+    // idle keep-alives are parked, so parking must not restart its clock.
+    let (app, _p, mut s) = keep_alive_that_served_one(1500).await;
     let start = Instant::now();
     s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\nX-Slow: ").await.unwrap();
     let mut tick = tokio::time::interval(Duration::from_millis(200));
@@ -297,15 +304,7 @@ async fn a_slow_head_on_a_keep_alive_connection_is_cut_at_the_header_read_timeou
 #[tokio::test]
 async fn an_idle_keep_alive_is_not_cut_by_the_header_read_timeout() {
     // Between requests, with no byte of a new head, idle_timeout governs, not the header's.
-    let app = app().await;
-    let p = ready_proxy(app.addr, |c| {
-        c.limits.header_read_timeout = drainproxy::config::Dur::millis(200);
-        c.limits.idle_timeout = drainproxy::config::Dur::secs(60);
-    })
-    .await;
-    let mut s = TcpStream::connect(p.proxy_addr).await.unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
-    read_ok_response(&mut s).await;
+    let (app, _p, mut s) = keep_alive_that_served_one(200).await;
     // Idle for several header timeouts (and across parking, at 1 s).
     tokio::time::sleep(Duration::from_millis(1300)).await;
     s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
