@@ -94,6 +94,20 @@ def cpu_ticks(pids):
     return user, system
 
 
+def preemptions(pids):
+    """Involuntary context switches of the processes so far: how often the scheduler took the
+    CPU from them, on this core mostly to run the app they woke."""
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("nonvoluntary_ctxt_switches:"):
+                    total += int(line.split()[1])
+        except FileNotFoundError:
+            pass
+    return total
+
+
 def rss_kib(pids, field="VmRSS"):
     """Summed RSS (or, with field="VmHWM", the peak RSS) of the processes."""
     total = 0
@@ -333,7 +347,7 @@ def main():
     stack = Stack(tmp, drainproxy)
     time.sleep(0.5)
     idle_at_start = {t: rss_kib(stack.pids(t)) for t in PROXIES}
-    results = {}  # (workload, target) -> list of (rps, user µs/req, system µs/req)
+    results = {}  # (workload, target) -> list of (rps, user µs/req, system µs/req, preemptions per 1k req)
     latency = {}  # (rate label, target) -> list of percentile dicts
     errors = {}
     memory = {}
@@ -343,11 +357,12 @@ def main():
             for workload in WORKLOADS:
                 for target in PORTS:
                     pids = stack.pids(target) if target != "direct" else []
-                    before = cpu_ticks(pids)
+                    before, pre_before = cpu_ticks(pids), preemptions(pids)
                     rps, n, errs = run_load(workload, PORTS[target], args.seconds, tmp)
-                    after = cpu_ticks(pids)
+                    after, pre_after = cpu_ticks(pids), preemptions(pids)
                     user, system = ((a - b) / CLK_TCK * 1e6 / n if n and pids else None for a, b in zip(after, before))
-                    results.setdefault((workload, target), []).append((rps, user, system))
+                    pre = (pre_after - pre_before) * 1000 / n if n and pids else None
+                    results.setdefault((workload, target), []).append((rps, user, system, pre))
                     errors[(workload, target)] = errors.get((workload, target), 0) + errs
                     print(f"rep {rep + 1} {workload:<28} {target:<10} {rps:>10.0f} req/s"
                           + (f" {user + system:6.1f} us/req ({user:.1f} user)" if user is not None else "")
@@ -509,6 +524,12 @@ def render(results, latency, errors, memory, allocators, args):
               f"{u['drainproxy']:.1f}, {u['nginx']:.1f} and {u['haproxy']:.1f} µs. The app takes about {app_us:.1f} µs of the "
               f"shared core per request, so drainproxy with no user time at all would reach about {bound:,.0f} req/s, "
               f"{bound / r[best]:.2f}× the better peer, at {k['drainproxy'] / (u[best] + k[best]):.2f}× its CPU."]
+    if all(len(x) > 3 for t in PROXIES for x in results[(w, t)]):
+        pre = {t: med([x[3] for x in results[(w, t)]]) for t in PROXIES}
+        lines[-1] += (f" The scheduler also takes the core from each proxy to run the app it woke: per 1,000 requests, "
+                      f"{pre['drainproxy']:.0f} involuntary context switches for drainproxy, {pre['nginx']:.0f} for nginx and "
+                      f"{pre['haproxy']:.0f} for HAProxy (`nonvoluntary_ctxt_switches` in `/proc/<pid>/status`); each is "
+                      "a switch to the app and back, part of the kernel time above.")
     # The targets, each with its verdict.
     mem = memory["drainproxy"]
     check = lambda ok: "met" if ok else "**missed**"
