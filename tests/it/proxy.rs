@@ -97,13 +97,19 @@ async fn h2c_upstream_passes_trailers_end_to_end() {
     assert_eq!(collected.to_bytes(), "payload");
 }
 
-#[tokio::test]
-async fn websocket_upgrade_echoes_both_ways() {
+/// A WebSocket to the test app's echo, opened through a ready proxy.
+async fn websocket_through_proxy() -> (App, drainproxy::app::Running, tokio_tungstenite::WebSocketStream<TcpStream>) {
     let app = app().await;
     let p = ready_proxy(app.addr, |_| {}).await;
     let stream = TcpStream::connect(p.proxy_addr).await.unwrap();
-    let (mut ws, res) = tokio_tungstenite::client_async(format!("ws://{}/ws", p.proxy_addr), stream).await.unwrap();
+    let (ws, res) = tokio_tungstenite::client_async(format!("ws://{}/ws", p.proxy_addr), stream).await.unwrap();
     assert_eq!(res.status(), 101);
+    (app, p, ws)
+}
+
+#[tokio::test]
+async fn websocket_upgrade_echoes_both_ways() {
+    let (_app, p, mut ws) = websocket_through_proxy().await;
     for i in 0..10 {
         ws.send(format!("hello {i}").into()).await.unwrap();
         let msg = ws.next().await.unwrap().unwrap();
@@ -124,10 +130,7 @@ async fn websocket_upgrade_echoes_both_ways() {
 async fn a_tunnel_the_app_closes_is_closed_to_the_client() {
     // The app ends the WebSocket (it answers the close and drops its socket); the client keeps
     // its own side open and must see the end, which only a real half-close relays.
-    let app = app().await;
-    let p = ready_proxy(app.addr, |_| {}).await;
-    let stream = TcpStream::connect(p.proxy_addr).await.unwrap();
-    let (mut ws, _) = tokio_tungstenite::client_async(format!("ws://{}/ws", p.proxy_addr), stream).await.unwrap();
+    let (_app, _p, mut ws) = websocket_through_proxy().await;
     ws.send("hello".into()).await.unwrap();
     assert_eq!(ws.next().await.unwrap().unwrap().into_text().unwrap().as_str(), "hello");
     ws.close(None).await.unwrap();
