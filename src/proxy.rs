@@ -206,7 +206,7 @@ impl ProxyService {
     ) -> Response<ResponseBody> {
         let upstream = hyper::upgrade::on(&mut res);
         let proto = res.headers().get(header::UPGRADE).cloned();
-        Seen::scan(res.headers()).strip_hop_by_hop(res.headers_mut());
+        strip_hop_by_hop(res.headers_mut());
         if let Some(proto) = proto {
             res.headers_mut().insert(header::UPGRADE, proto);
         }
@@ -254,7 +254,7 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
 
 fn into_client_response(res: Response<Incoming>, pooled: Option<Pooled>) -> Response<ResponseBody> {
     let (mut parts, body) = res.into_parts();
-    Seen::scan(&parts.headers).strip_hop_by_hop(&mut parts.headers);
+    strip_hop_by_hop(&mut parts.headers);
     Response::from_parts(parts, ResponseBody::upstream(body, pooled))
 }
 

@@ -112,13 +112,7 @@ impl Upstream {
                 // Boxed: connecting is rare next to reusing, and its future is large.
                 None => Box::pin(self.connect_h1()).await?,
             };
-            let sent = match self.request_timeout {
-                None => sender.try_send_request(req).await,
-                Some(t) => {
-                    tokio::time::timeout(t, sender.try_send_request(req)).await.map_err(|_| ProxyError::Timeout)?
-                }
-            };
-            match sent {
+            match with_timeout(self.request_timeout, sender.try_send_request(req)).await? {
                 Ok(res) => return Ok((res, Some(Pooled { sender, upstream: self.clone() }))),
                 Err(mut e) => match e.take_message() {
                     Some(back) if reused => {
