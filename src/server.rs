@@ -473,7 +473,10 @@ impl Prefixed {
 
 impl AsyncRead for Prefixed {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        if !self.prefix.is_empty() {
+        let before = buf.filled().len();
+        let polled = if self.prefix.is_empty() {
+            Pin::new(&mut self.inner).poll_read(cx, buf)
+        } else {
             let n = self.prefix.len().min(buf.remaining());
             buf.put_slice(&self.prefix[..n]);
             self.prefix.advance(n);
@@ -481,13 +484,8 @@ impl AsyncRead for Prefixed {
                 // Release the sniffing buffer: idle connections are many and long-lived.
                 self.prefix = Bytes::new();
             }
-            if let Some(c) = &self.conn {
-                c.bytes_read();
-            }
-            return Poll::Ready(Ok(()));
-        }
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+            Poll::Ready(Ok(()))
+        };
         if let Some(c) = &self.conn {
             if buf.filled().len() > before {
                 c.bytes_read();
