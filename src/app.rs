@@ -13,6 +13,7 @@ use crate::activity::Activity;
 use crate::admin::Admin;
 use crate::body::Accounting;
 use crate::config::Config;
+use crate::cork::Releases;
 use crate::lifecycle::{self, Event, Exit, Lifecycle, Signal, State};
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
@@ -20,10 +21,13 @@ use crate::server::{self, ConnCtx, ProxyListener};
 use crate::upstream::Upstream;
 
 /// Options that differ between the binary and in-process tests.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone, Default)]
 pub struct StartOptions {
     /// Install SIGTERM/SIGINT/SIGQUIT handlers (the binary does; tests send events instead).
     pub signals: bool,
+    /// Set when the runtime calls [`Releases::release`] before it parks: HTTP/2 writes then
+    /// wait until the runtime has run everything that was ready (see `cork`).
+    pub releases: Option<Arc<Releases>>,
 }
 
 /// A running drainproxy.
@@ -78,7 +82,7 @@ pub async fn start(cfg: Config, opts: StartOptions) -> anyhow::Result<Running> {
         cfg.drain.retry_after.0,
         cfg.log.access_log,
     ));
-    let ctx = Arc::new(ConnCtx::new(proxy, &cfg.limits));
+    let ctx = Arc::new(ConnCtx::new(proxy, &cfg.limits, opts.releases.clone()));
     let listener = ProxyListener::start(proxy_listener, ctx)?;
     let proxy_addr = listener.local_addr();
 
@@ -92,6 +96,9 @@ pub async fn start(cfg: Config, opts: StartOptions) -> anyhow::Result<Running> {
     });
     let mut tasks = Tasks::default();
     tasks.0.push(upstream.spawn_reaper());
+    if let Some(r) = opts.releases {
+        tasks.0.push(tokio::spawn(r.watchdog()));
+    }
     tasks.0.push(tokio::spawn(admin::serve(admin_listener, admin, std::future::pending::<()>())));
     tasks.0.push(tokio::spawn(crate::health::run(cfg.health.clone(), app_addr, events_tx.clone(), metrics.clone())));
     if opts.signals {
@@ -135,15 +142,25 @@ fn spawn_signal_handlers(events: mpsc::Sender<Event>) -> std::io::Result<Vec<Joi
     Ok(handles)
 }
 
-/// Builds the runtime `runtime.threads` asks for and runs until exit.
-pub fn run_blocking(cfg: Config) -> anyhow::Result<Exit> {
-    let rt = if cfg.runtime.threads <= 1 {
-        tokio::runtime::Builder::new_current_thread().enable_all().build()?
+/// The runtime `runtime.threads` asks for: `current_thread` for one. Each worker releases
+/// the held HTTP/2 flushes when it runs out of work.
+pub fn runtime(threads: usize, releases: Arc<Releases>) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
     } else {
-        tokio::runtime::Builder::new_multi_thread().worker_threads(cfg.runtime.threads).enable_all().build()?
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(threads);
+        b
     };
+    builder.enable_all().on_thread_park(move || releases.release()).build()
+}
+
+/// Builds the runtime and runs until exit.
+pub fn run_blocking(cfg: Config) -> anyhow::Result<Exit> {
+    let releases = Arc::new(Releases::default());
+    let rt = runtime(cfg.runtime.threads, releases.clone())?;
     let exit = rt.block_on(async move {
-        let running = start(cfg, StartOptions { signals: true }).await?;
+        let running = start(cfg, StartOptions { signals: true, releases: Some(releases) }).await?;
         let exit = running.exit.await.context("lifecycle task failed");
         drop(running.tasks);
         exit
@@ -151,4 +168,32 @@ pub fn run_blocking(cfg: Config) -> anyhow::Result<Exit> {
     // Connection tasks still running are abandoned: the decision to exit was already made.
     rt.shutdown_timeout(std::time::Duration::from_millis(100));
     exit
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::task::Poll;
+
+    #[test]
+    fn each_runtime_releases_held_flushes_once_it_runs_out_of_work() {
+        for threads in [1, 2] {
+            let releases = Arc::new(Releases::default());
+            let rt = runtime(threads, releases.clone()).unwrap();
+            // No watchdog runs: only the park hook can wake this task.
+            let held = rt.spawn(async move {
+                let mut generation = None;
+                std::future::poll_fn(|cx| match generation {
+                    None => {
+                        generation = Some(releases.hold(cx.waker()));
+                        Poll::Pending
+                    }
+                    Some(g) => Poll::Ready(releases.released_since(g)),
+                })
+                .await
+            });
+            let released = rt.block_on(async { tokio::time::timeout(std::time::Duration::from_secs(10), held).await });
+            assert!(matches!(released, Ok(Ok(true))), "threads {threads}: {released:?}");
+        }
+    }
 }

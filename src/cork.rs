@@ -3,38 +3,126 @@
 //! h2 writes and flushes its socket once per DATA frame of 256 bytes or more (it keeps such a
 //! payload out of its buffer and sends it with `writev` before it takes the next frame), so a
 //! client with 320 streams answered at once costs 320 `writev` calls, each waking the client.
-//! [`Corked`] keeps what h2 writes and answers the first flush of a round without a syscall,
-//! rescheduling its task; by the task's next poll every other ready task (the streams whose
-//! responses arrived in the same batch) has run, and h2's closing flush of that poll writes
-//! all of it at once. The delay is one turn of the scheduler's run queue, never a timer.
+//! [`Corked`] keeps what h2 writes and answers a flush without a syscall. When it writes:
+//! - In the binary, the runtime calls [`Releases::release`] just before it parks, that is once
+//!   every task that was ready has run and every app response that arrived in this busy period
+//!   is in its connection's buffer. The flush is held until then, or until the watchdog
+//!   releases it [`MAX_HOLD`] later on a runtime that stays busy. This is what an event loop
+//!   that writes at the end of its iteration does (HAProxy): under load a client gets its
+//!   streams' answers in one write and sends its next requests together, instead of settling
+//!   into a write per one or two streams. An idle runtime parks at once, so a lone request
+//!   waits for nothing.
+//! - Without [`Releases`] (a runtime without the hook, as in-process tests use), the flush
+//!   waits one turn of the run queue: the task wakes itself, and the flush of its next poll
+//!   writes.
 //!
-//! Nothing is left behind: the connection task is always woken after a deferred flush, h2
-//! flushes at the end of every poll of an open connection, and a shutdown writes out what is
-//! pending before it closes the socket.
+//! Nothing is left behind: a deferred flush always gets its task woken, h2 flushes at the end
+//! of every poll of an open connection, a buffer over 64 KiB is written without waiting, and a
+//! shutdown writes out what is pending before it closes the socket.
 
 use std::io::{self, IoSlice};
 use std::pin::Pin;
-use std::task::{ready, Context, Poll};
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll, Waker};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::Notify;
 
 /// Up to this much is gathered before it is written without waiting for the flush.
 const GATHER: usize = 64 * 1024;
 /// A gather buffer larger than this is given back once written (idle connections are many).
 const KEEP: usize = 16 * 1024;
 
+/// How long a held flush waits for a runtime that stays busy, before the 1 ms rounding of
+/// tokio's timer.
+pub const MAX_HOLD: Duration = Duration::from_millis(1);
+
+/// Flushes held until the runtime has nothing else to run.
+///
+/// The runtime calls [`Releases::release`] just before it parks (`on_thread_park`), that is
+/// when every task that was ready has run: every response that arrived in this busy period has
+/// been added to its connection's buffer. [`Releases::watchdog`] bounds the wait by
+/// [`MAX_HOLD`] for a runtime that stays busy.
+#[derive(Default)]
+pub struct Releases {
+    held: Mutex<Held>,
+    /// Wakes the watchdog when the first flush of a period is held.
+    first: Notify,
+}
+
+#[derive(Default)]
+struct Held {
+    wakers: Vec<Waker>,
+    /// Counts releases; a connection whose recorded generation is behind may write.
+    generation: u64,
+}
+
+impl Releases {
+    /// Wakes every connection holding a flush. Cheap when none is.
+    pub fn release(&self) {
+        let wakers = {
+            let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+            if held.wakers.is_empty() {
+                return;
+            }
+            held.generation += 1;
+            std::mem::take(&mut held.wakers)
+        };
+        for w in wakers {
+            w.wake();
+        }
+    }
+
+    /// Holds a flush: returns the generation to compare against later.
+    pub(crate) fn hold(&self, waker: &Waker) -> u64 {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        if held.wakers.is_empty() {
+            self.first.notify_one();
+        }
+        held.wakers.push(waker.clone());
+        held.generation
+    }
+
+    pub(crate) fn released_since(&self, generation: u64) -> bool {
+        self.held.lock().unwrap_or_else(|e| e.into_inner()).generation != generation
+    }
+
+    /// Releases held flushes at most [`MAX_HOLD`] after the first is held, when the runtime
+    /// has not parked by then. Runs for the life of the process.
+    pub async fn watchdog(self: Arc<Self>) {
+        loop {
+            self.first.notified().await;
+            tokio::time::sleep(MAX_HOLD).await;
+            self.release();
+        }
+    }
+}
+
+/// How a corked connection decides that a flush may write.
+enum Defer {
+    /// Not deferred.
+    No,
+    /// Deferred for one turn of the run queue (the task woke itself).
+    Turn,
+    /// Held until a release after this generation.
+    Held(u64),
+}
+
 pub struct Corked<T> {
     inner: T,
     buf: Vec<u8>,
     /// Bytes of `buf` already written.
     pos: usize,
-    /// The last flush was acknowledged without writing; the next one writes.
-    deferred: bool,
+    deferred: Defer,
+    releases: Option<Arc<Releases>>,
 }
 
 impl<T> Corked<T> {
-    pub fn new(inner: T) -> Self {
-        Corked { inner, buf: Vec::new(), pos: 0, deferred: false }
+    /// Without `releases`, a flush waits one turn of the run queue; with them, until the
+    /// runtime runs out of work (at most [`MAX_HOLD`]).
+    pub fn new(inner: T, releases: Option<Arc<Releases>>) -> Self {
+        Corked { inner, buf: Vec::new(), pos: 0, deferred: Defer::No, releases }
     }
 
     fn pending(&self) -> usize {
@@ -57,7 +145,7 @@ impl<T: AsyncWrite + Unpin> Corked<T> {
         if self.buf.capacity() > KEEP {
             self.buf = Vec::new();
         }
-        self.deferred = false;
+        self.deferred = Defer::No;
         Poll::Ready(Ok(()))
     }
 }
@@ -101,11 +189,19 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Corked<T> {
         if this.pending() == 0 {
             return Pin::new(&mut this.inner).poll_flush(cx);
         }
-        if !this.deferred {
-            // Let the other ready tasks add to this write first; come back right after them.
-            this.deferred = true;
-            cx.waker().wake_by_ref();
-            return Poll::Ready(Ok(()));
+        match (&this.deferred, &this.releases) {
+            (Defer::No, None) => {
+                // Let the other ready tasks add to this write first; come back right after them.
+                this.deferred = Defer::Turn;
+                cx.waker().wake_by_ref();
+                return Poll::Ready(Ok(()));
+            }
+            (Defer::No, Some(r)) => {
+                this.deferred = Defer::Held(r.hold(cx.waker()));
+                return Poll::Ready(Ok(()));
+            }
+            (Defer::Held(g), Some(r)) if !r.released_since(*g) => return Poll::Ready(Ok(())),
+            _ => {}
         }
         ready!(this.poll_drain(cx))?;
         Pin::new(&mut this.inner).poll_flush(cx)
@@ -151,7 +247,7 @@ mod tests {
     #[test]
     fn writes_of_one_round_leave_in_one_call_and_the_task_is_woken_to_send_them() {
         let calls = Calls::default();
-        let mut io = Corked::new(calls.clone());
+        let mut io = Corked::new(calls.clone(), None);
         let wakes = Arc::new(CountWake(0.into()));
         let waker = Waker::from(wakes.clone());
         let mut cx = Context::from_waker(&waker);
@@ -171,7 +267,7 @@ mod tests {
     #[test]
     fn shutdown_writes_what_is_pending_and_large_writes_keep_their_order() {
         let calls = Calls::default();
-        let mut io = Corked::new(calls.clone());
+        let mut io = Corked::new(calls.clone(), None);
         let waker = Waker::noop();
         let mut cx = Context::from_waker(waker);
         let mut p = Pin::new(&mut io);
@@ -184,5 +280,54 @@ mod tests {
         let written: Vec<u8> = calls.0.lock().unwrap().concat();
         assert_eq!(written.len(), 5 + GATHER + 4);
         assert!(written.starts_with(b"head;") && written.ends_with(b"tail"));
+    }
+
+    #[test]
+    fn a_held_flush_writes_only_after_a_release_and_the_release_wakes_the_task() {
+        let calls = Calls::default();
+        let releases = Arc::new(Releases::default());
+        let mut io = Corked::new(calls.clone(), Some(releases.clone()));
+        let wakes = Arc::new(CountWake(0.into()));
+        let waker = Waker::from(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut p = Pin::new(&mut io);
+        let woken = || wakes.0.load(std::sync::atomic::Ordering::SeqCst);
+        let _ = p.as_mut().poll_write(&mut cx, b"stream 1;");
+        assert!(matches!(p.as_mut().poll_flush(&mut cx), Poll::Ready(Ok(()))));
+        // Polled again before the runtime ran out of work (another stream's response): still held.
+        let _ = p.as_mut().poll_write(&mut cx, b"stream 2;");
+        assert!(matches!(p.as_mut().poll_flush(&mut cx), Poll::Ready(Ok(()))));
+        assert!(calls.0.lock().unwrap().is_empty());
+        assert_eq!(woken(), 0);
+        releases.release();
+        assert_eq!(woken(), 1);
+        releases.release();
+        assert_eq!(woken(), 1, "a connection is woken once per hold");
+        assert!(matches!(p.as_mut().poll_flush(&mut cx), Poll::Ready(Ok(()))));
+        assert_eq!(*calls.0.lock().unwrap(), vec![b"stream 1;stream 2;".to_vec()]);
+        // The next round holds again.
+        let _ = p.as_mut().poll_write(&mut cx, b"stream 3;");
+        assert!(matches!(p.as_mut().poll_flush(&mut cx), Poll::Ready(Ok(()))));
+        assert_eq!(calls.0.lock().unwrap().len(), 1);
+        releases.release();
+        assert!(matches!(p.as_mut().poll_flush(&mut cx), Poll::Ready(Ok(()))));
+        assert_eq!(calls.0.lock().unwrap().len(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_watchdog_releases_a_hold_within_max_hold_on_a_runtime_that_never_parks() {
+        let releases = Arc::new(Releases::default());
+        tokio::spawn(releases.clone().watchdog());
+        tokio::task::yield_now().await;
+        let wakes = Arc::new(CountWake(0.into()));
+        let generation = releases.hold(&Waker::from(wakes.clone()));
+        let start = tokio::time::Instant::now();
+        // This runtime has no park hook: only the watchdog can release.
+        while !releases.released_since(generation) {
+            tokio::time::sleep(Duration::from_micros(100)).await;
+        }
+        // Tokio's timer rounds a deadline up to its next 1 ms tick.
+        assert!(start.elapsed() <= MAX_HOLD + Duration::from_micros(1100), "{:?}", start.elapsed());
+        assert_eq!(wakes.0.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 }

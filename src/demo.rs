@@ -132,7 +132,7 @@ async fn start_pod(ip: [u8; 4], name: &str, with_proxy: bool, opts: &DemoOptions
     cfg.drain.min_delay = Dur(opts.min_delay);
     cfg.drain.quiet_period = Dur::millis(300);
     cfg.drain.max_duration = Dur::secs(10);
-    let running = app::start(cfg, StartOptions { signals: false }).await?;
+    let running = app::start(cfg, StartOptions::default()).await?;
     let mut state = running.state.clone();
     tokio::time::timeout(Duration::from_secs(10), state.wait_for(|s| s.phase == Phase::Ready))
         .await

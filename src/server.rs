@@ -28,7 +28,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::body::ConnState;
 use crate::config::LimitsConfig;
-use crate::cork::Corked;
+use crate::cork::{Corked, Releases};
 use crate::metrics::CloseHow;
 use crate::proxy::{Proxy, ProxyService};
 
@@ -109,10 +109,11 @@ pub struct ConnCtx {
     header_read_timeout: Duration,
     idle_timeout: Duration,
     limit: Arc<Semaphore>,
+    releases: Option<Arc<Releases>>,
 }
 
 impl ConnCtx {
-    pub fn new(proxy: Arc<Proxy>, limits: &LimitsConfig) -> Self {
+    pub fn new(proxy: Arc<Proxy>, limits: &LimitsConfig, releases: Option<Arc<Releases>>) -> Self {
         let mut h1 = http1::Builder::new();
         // half_close: a client that shuts its write side after its request still gets the
         // response, and a request the app is working on stays in flight until the app answers
@@ -130,6 +131,7 @@ impl ConnCtx {
             header_read_timeout: limits.header_read_timeout.0,
             idle_timeout: limits.idle_timeout.0,
             limit: Arc::new(Semaphore::new(limits.max_connections)),
+            releases,
         }
     }
 }
@@ -212,7 +214,7 @@ async fn serve_proxy_conn(
         // Boxed: an HTTP/2 connection's state is twice an HTTP/1.1 one's, and every task is
         // as large as its largest branch (idle HTTP/1.1 connections are the many).
         Box::pin(async {
-            let conn = ctx.h2.serve_connection(TokioIo::new(Corked::new(io)), svc);
+            let conn = ctx.h2.serve_connection(TokioIo::new(Corked::new(io, ctx.releases.clone())), svc);
             tokio::pin!(conn);
             drive(conn, true, 0, &conn_state, &ctx).await
         })
@@ -552,7 +554,7 @@ mod tests {
         let (_tx, state) = crate::lifecycle::channel();
         let upstream = Arc::new(crate::upstream::Upstream::new(&cfg.upstream, addr));
         let proxy = Arc::new(Proxy::new(acct, state, upstream, Duration::from_secs(1), false));
-        let ctx = Arc::new(ConnCtx::new(proxy, &cfg.limits));
+        let ctx = Arc::new(ConnCtx::new(proxy, &cfg.limits, None));
         let task = std::mem::size_of_val(&serve_proxy_conn(ctx, stream, addr, None));
         let h2 = std::mem::size_of::<http2::Connection<TokioIo<Corked<Prefixed>>, ProxyService, TokioExecutor>>();
         assert!(task < h2 + 1024, "connection task {task} bytes (an HTTP/2 connection alone is {h2})");

@@ -294,3 +294,39 @@ fn demo_loses_nothing_with_drainproxy_and_shows_losses_without() {
     assert_eq!(failed("with drainproxy "), 0, "{text}");
     assert!(failed("without drainproxy") > 0, "the baseline must show what drainproxy prevents:\n{text}");
 }
+
+/// The binary holds HTTP/2 writes until its runtime runs out of work; every stream must still
+/// be answered in full, whatever its size, on one worker thread or two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_streams_held_for_a_batched_write_all_arrive_whole() {
+    let app = app().await;
+    for threads in [1, 2] {
+        let p = Proc::start(
+            &format!("h2-held-{threads}"),
+            &format!("upstream:\n  address: {}\nruntime:\n  threads: {threads}\n", app.addr),
+        );
+        p.wait_status("/ready", 200).await;
+        let (sender, _conn) = h2(p.listen).await;
+        let mut streams = tokio::task::JoinSet::new();
+        for i in 0..150u64 {
+            let mut sender = sender.clone();
+            let (path, want) = match i % 3 {
+                0 => ("/".to_string(), 2),
+                1 => (format!("/bytes?n={}", 100_000 + i), 100_000 + i),
+                _ => ("/trailers".to_string(), 7),
+            };
+            streams.spawn(async move {
+                let res = sender.send_request(h2_get(p.listen, &path)).await.unwrap();
+                assert_eq!(res.status(), 200);
+                let body = res.into_body().collect().await.unwrap().to_bytes();
+                assert_eq!(body.len() as u64, want, "{path}");
+            });
+        }
+        let all = tokio::time::timeout(Duration::from_secs(20), async {
+            while let Some(r) = streams.join_next().await {
+                r.unwrap();
+            }
+        });
+        assert!(all.await.is_ok(), "threads {threads}: streams unanswered; logs:\n{}", p.logs());
+    }
+}

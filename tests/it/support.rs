@@ -232,7 +232,7 @@ pub async fn proxy(app: SocketAddr, tweak: impl FnOnce(&mut Config)) -> Running 
     tweak(&mut cfg);
     let problems = cfg.validate();
     assert!(problems.is_empty(), "test config invalid: {problems:?}");
-    app::start(cfg, StartOptions { signals: false }).await.expect("drainproxy starts")
+    app::start(cfg, StartOptions::default()).await.expect("drainproxy starts")
 }
 
 /// Waits (bounded) until the published phase is `phase`.
