@@ -25,8 +25,8 @@ use crate::upstream::Upstream;
 pub struct StartOptions {
     /// Install SIGTERM/SIGINT/SIGQUIT handlers (the binary does; tests send events instead).
     pub signals: bool,
-    /// Set when the runtime calls [`Releases::release`] before it parks: HTTP/2 writes then
-    /// wait until the runtime has run everything that was ready (see `cork`).
+    /// The releases of held HTTP/2 writes that the runtime's park hook calls (see
+    /// [`runtime`] and `cork`). Without them, the watchdog alone releases, within 2 ms.
     pub releases: Option<Arc<Releases>>,
 }
 
@@ -82,7 +82,8 @@ pub async fn start(cfg: Config, opts: StartOptions) -> anyhow::Result<Running> {
         cfg.drain.retry_after.0,
         cfg.log.access_log,
     ));
-    let ctx = Arc::new(ConnCtx::new(proxy, &cfg.limits, opts.releases.clone()));
+    let releases = opts.releases.unwrap_or_default();
+    let ctx = Arc::new(ConnCtx::new(proxy, &cfg.limits, releases.clone()));
     let listener = ProxyListener::start(proxy_listener, ctx)?;
     let proxy_addr = listener.local_addr();
 
@@ -96,9 +97,7 @@ pub async fn start(cfg: Config, opts: StartOptions) -> anyhow::Result<Running> {
     });
     let mut tasks = Tasks::default();
     tasks.0.push(upstream.spawn_reaper());
-    if let Some(r) = opts.releases {
-        tasks.0.push(tokio::spawn(r.watchdog()));
-    }
+    tasks.0.push(tokio::spawn(releases.watchdog()));
     tasks.0.push(tokio::spawn(admin::serve(admin_listener, admin, std::future::pending::<()>())));
     tasks.0.push(tokio::spawn(crate::health::run(cfg.health.clone(), app_addr, events_tx.clone(), metrics.clone())));
     if opts.signals {

@@ -3,21 +3,20 @@
 //! h2 writes and flushes its socket once per DATA frame of 256 bytes or more (it keeps such a
 //! payload out of its buffer and sends it with `writev` before it takes the next frame), so a
 //! client with 320 streams answered at once costs 320 `writev` calls, each waking the client.
-//! [`Corked`] keeps what h2 writes and answers a flush without a syscall. When it writes:
-//! - In the binary, the runtime calls [`Releases::release`] just before it parks, that is once
-//!   every task that was ready has run and every app response that arrived in this busy period
-//!   is in its connection's buffer. The flush is held until then, or until the watchdog
-//!   releases it [`MAX_HOLD`] later on a runtime that stays busy. This is what an event loop
+//! [`Corked`] keeps what h2 writes and answers a flush without a syscall, holding the bytes
+//! until [`Releases::release`]:
+//! - The binary's runtime calls it just before it parks (`on_thread_park`, see
+//!   `app::runtime`), that is once every task that was ready has run and every app response
+//!   that arrived in this busy period is in its connection's buffer. This is what an event loop
 //!   that writes at the end of its iteration does (HAProxy): under load a client gets its
 //!   streams' answers in one write and sends its next requests together, instead of settling
 //!   into a write per one or two streams. An idle runtime parks at once, so a lone request
 //!   waits for nothing.
-//! - Without [`Releases`] (a runtime without the hook, as in-process tests use), the flush
-//!   waits one turn of the run queue: the task wakes itself, and the flush of its next poll
-//!   writes.
+//! - [`Releases::watchdog`] releases at most [`MAX_HOLD`] after the first hold, for a runtime
+//!   that stays busy, or one without the hook (in-process tests, the demo).
 //!
-//! Nothing is left behind: a deferred flush always gets its task woken, h2 flushes at the end
-//! of every poll of an open connection, a buffer over 64 KiB is written without waiting, and a
+//! Nothing is left behind: a held flush always gets its task woken, h2 flushes at the end of
+//! every poll of an open connection, a buffer over 64 KiB is written without waiting, and a
 //! shutdown writes out what is pending before it closes the socket.
 
 use std::io::{self, IoSlice};
@@ -40,10 +39,7 @@ pub const MAX_HOLD: Duration = Duration::from_millis(1);
 
 /// Flushes held until the runtime has nothing else to run.
 ///
-/// The runtime calls [`Releases::release`] just before it parks (`on_thread_park`), that is
-/// when every task that was ready has run: every response that arrived in this busy period has
-/// been added to its connection's buffer. [`Releases::watchdog`] bounds the wait by
-/// [`MAX_HOLD`] for a runtime that stays busy.
+/// Released just before the runtime parks (see the module documentation), or by the watchdog.
 #[derive(Default)]
 pub struct Releases {
     held: Mutex<Held>,
@@ -99,30 +95,19 @@ impl Releases {
     }
 }
 
-/// How a corked connection decides that a flush may write.
-enum Defer {
-    /// Not deferred.
-    No,
-    /// Deferred for one turn of the run queue (the task woke itself).
-    Turn,
-    /// Held until a release after this generation.
-    Held(u64),
-}
-
 pub struct Corked<T> {
     inner: T,
     buf: Vec<u8>,
     /// Bytes of `buf` already written.
     pos: usize,
-    deferred: Defer,
-    releases: Option<Arc<Releases>>,
+    /// A flush is held until a release after this generation.
+    held: Option<u64>,
+    releases: Arc<Releases>,
 }
 
 impl<T> Corked<T> {
-    /// Without `releases`, a flush waits one turn of the run queue; with them, until the
-    /// runtime runs out of work (at most [`MAX_HOLD`]).
-    pub fn new(inner: T, releases: Option<Arc<Releases>>) -> Self {
-        Corked { inner, buf: Vec::new(), pos: 0, deferred: Defer::No, releases }
+    pub fn new(inner: T, releases: Arc<Releases>) -> Self {
+        Corked { inner, buf: Vec::new(), pos: 0, held: None, releases }
     }
 
     fn pending(&self) -> usize {
@@ -145,7 +130,7 @@ impl<T: AsyncWrite + Unpin> Corked<T> {
         if self.buf.capacity() > KEEP {
             self.buf = Vec::new();
         }
-        self.deferred = Defer::No;
+        self.held = None;
         Poll::Ready(Ok(()))
     }
 }
@@ -189,19 +174,14 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Corked<T> {
         if this.pending() == 0 {
             return Pin::new(&mut this.inner).poll_flush(cx);
         }
-        match (&this.deferred, &this.releases) {
-            (Defer::No, None) => {
-                // Let the other ready tasks add to this write first; come back right after them.
-                this.deferred = Defer::Turn;
-                cx.waker().wake_by_ref();
+        match this.held {
+            None => {
+                // Let every other ready task add to this write first.
+                this.held = Some(this.releases.hold(cx.waker()));
                 return Poll::Ready(Ok(()));
             }
-            (Defer::No, Some(r)) => {
-                this.deferred = Defer::Held(r.hold(cx.waker()));
-                return Poll::Ready(Ok(()));
-            }
-            (Defer::Held(g), Some(r)) if !r.released_since(*g) => return Poll::Ready(Ok(())),
-            _ => {}
+            Some(g) if !this.releases.released_since(g) => return Poll::Ready(Ok(())),
+            Some(_) => {}
         }
         ready!(this.poll_drain(cx))?;
         Pin::new(&mut this.inner).poll_flush(cx)
@@ -245,29 +225,9 @@ mod tests {
     }
 
     #[test]
-    fn writes_of_one_round_leave_in_one_call_and_the_task_is_woken_to_send_them() {
-        let calls = Calls::default();
-        let mut io = Corked::new(calls.clone(), None);
-        let wakes = Arc::new(CountWake(0.into()));
-        let waker = Waker::from(wakes.clone());
-        let mut cx = Context::from_waker(&waker);
-        let mut p = Pin::new(&mut io);
-        assert!(matches!(p.as_mut().poll_write(&mut cx, b"frame 1;"), Poll::Ready(Ok(8))));
-        // The first flush is deferred, with a wake so that the task comes back.
-        assert!(matches!(p.as_mut().poll_flush(&mut cx), Poll::Ready(Ok(()))));
-        assert_eq!(wakes.0.load(std::sync::atomic::Ordering::SeqCst), 1);
-        assert!(calls.0.lock().unwrap().is_empty());
-        let bufs = [IoSlice::new(b"frame 2"), IoSlice::new(b";")];
-        assert!(matches!(p.as_mut().poll_write_vectored(&mut cx, &bufs), Poll::Ready(Ok(8))));
-        // The next flush writes both in one call.
-        assert!(matches!(p.as_mut().poll_flush(&mut cx), Poll::Ready(Ok(()))));
-        assert_eq!(*calls.0.lock().unwrap(), vec![b"frame 1;frame 2;".to_vec()]);
-    }
-
-    #[test]
     fn shutdown_writes_what_is_pending_and_large_writes_keep_their_order() {
         let calls = Calls::default();
-        let mut io = Corked::new(calls.clone(), None);
+        let mut io = Corked::new(calls.clone(), Arc::default());
         let waker = Waker::noop();
         let mut cx = Context::from_waker(waker);
         let mut p = Pin::new(&mut io);
@@ -286,7 +246,7 @@ mod tests {
     fn a_held_flush_writes_only_after_a_release_and_the_release_wakes_the_task() {
         let calls = Calls::default();
         let releases = Arc::new(Releases::default());
-        let mut io = Corked::new(calls.clone(), Some(releases.clone()));
+        let mut io = Corked::new(calls.clone(), releases.clone());
         let wakes = Arc::new(CountWake(0.into()));
         let waker = Waker::from(wakes.clone());
         let mut cx = Context::from_waker(&waker);
@@ -295,7 +255,8 @@ mod tests {
         let _ = p.as_mut().poll_write(&mut cx, b"stream 1;");
         assert!(matches!(p.as_mut().poll_flush(&mut cx), Poll::Ready(Ok(()))));
         // Polled again before the runtime ran out of work (another stream's response): still held.
-        let _ = p.as_mut().poll_write(&mut cx, b"stream 2;");
+        let bufs = [IoSlice::new(b"stream 2"), IoSlice::new(b";")];
+        assert!(matches!(p.as_mut().poll_write_vectored(&mut cx, &bufs), Poll::Ready(Ok(9))));
         assert!(matches!(p.as_mut().poll_flush(&mut cx), Poll::Ready(Ok(()))));
         assert!(calls.0.lock().unwrap().is_empty());
         assert_eq!(woken(), 0);

@@ -109,11 +109,11 @@ pub struct ConnCtx {
     header_read_timeout: Duration,
     idle_timeout: Duration,
     limit: Arc<Semaphore>,
-    releases: Option<Arc<Releases>>,
+    releases: Arc<Releases>,
 }
 
 impl ConnCtx {
-    pub fn new(proxy: Arc<Proxy>, limits: &LimitsConfig, releases: Option<Arc<Releases>>) -> Self {
+    pub fn new(proxy: Arc<Proxy>, limits: &LimitsConfig, releases: Arc<Releases>) -> Self {
         let mut h1 = http1::Builder::new();
         // half_close: a client that shuts its write side after its request still gets the
         // response, and a request the app is working on stays in flight until the app answers
@@ -554,7 +554,7 @@ mod tests {
         let (_tx, state) = crate::lifecycle::channel();
         let upstream = Arc::new(crate::upstream::Upstream::new(&cfg.upstream, addr));
         let proxy = Arc::new(Proxy::new(acct, state, upstream, Duration::from_secs(1), false));
-        let ctx = Arc::new(ConnCtx::new(proxy, &cfg.limits, None));
+        let ctx = Arc::new(ConnCtx::new(proxy, &cfg.limits, Arc::default()));
         let task = std::mem::size_of_val(&serve_proxy_conn(ctx, stream, addr, None));
         let h2 = std::mem::size_of::<http2::Connection<TokioIo<Corked<Prefixed>>, ProxyService, TokioExecutor>>();
         assert!(task < h2 + 1024, "connection task {task} bytes (an HTTP/2 connection alone is {h2})");

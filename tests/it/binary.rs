@@ -317,7 +317,7 @@ async fn http2_streams_held_for_a_batched_write_all_arrive_whole() {
             };
             streams.spawn(async move {
                 let res = sender.send_request(h2_get(p.listen, &path)).await.unwrap();
-                assert_eq!(res.status(), 200);
+                assert_eq!(res.status(), 200, "{path}: {:?}", res.headers());
                 let body = res.into_body().collect().await.unwrap().to_bytes();
                 assert_eq!(body.len() as u64, want, "{path}");
             });
