@@ -21,6 +21,7 @@
 
 use std::io::{self, IoSlice};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
@@ -42,28 +43,25 @@ pub const MAX_HOLD: Duration = Duration::from_millis(1);
 /// Released just before the runtime parks (see the module documentation), or by the watchdog.
 #[derive(Default)]
 pub struct Releases {
-    held: Mutex<Held>,
+    /// The tasks holding a flush.
+    held: Mutex<Vec<Waker>>,
+    /// Counts releases, changed only with `held` locked; a flush held at an older generation
+    /// may write.
+    generation: AtomicU64,
     /// Wakes the watchdog when the first flush of a period is held.
     first: Notify,
 }
 
-#[derive(Default)]
-struct Held {
-    wakers: Vec<Waker>,
-    /// Counts releases; a connection whose recorded generation is behind may write.
-    generation: u64,
-}
-
 impl Releases {
-    /// Wakes every connection holding a flush. Cheap when none is.
+    /// Wakes every task holding a flush. Cheap when none is.
     pub fn release(&self) {
         let wakers = {
             let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-            if held.wakers.is_empty() {
+            if held.is_empty() {
                 return;
             }
-            held.generation += 1;
-            std::mem::take(&mut held.wakers)
+            self.generation.fetch_add(1, Ordering::Release);
+            std::mem::take(&mut *held)
         };
         for w in wakers {
             w.wake();
@@ -73,15 +71,15 @@ impl Releases {
     /// Holds a flush: returns the generation to compare against later.
     pub(crate) fn hold(&self, waker: &Waker) -> u64 {
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        if held.wakers.is_empty() {
+        if held.is_empty() {
             self.first.notify_one();
         }
-        held.wakers.push(waker.clone());
-        held.generation
+        held.push(waker.clone());
+        self.generation.load(Ordering::Acquire)
     }
 
     pub(crate) fn released_since(&self, generation: u64) -> bool {
-        self.held.lock().unwrap_or_else(|e| e.into_inner()).generation != generation
+        self.generation.load(Ordering::Acquire) != generation
     }
 
     /// Releases held flushes at most [`MAX_HOLD`] after the first is held, when the runtime
