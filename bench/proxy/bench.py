@@ -64,6 +64,19 @@ def need(tool):
     return path
 
 
+def refuse_taken(*ports):
+    """Exits when something already listens on one of these ports: the run would measure it
+    (a proxy or app left over from an earlier run) instead of what it starts."""
+    taken = []
+    for port in ports:
+        with socket.socket() as s:
+            s.settimeout(0.2)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                taken.append(port)
+    if taken:
+        sys.exit(f"127.0.0.1 ports already in use: {', '.join(map(str, taken))}; stop what listens there and run again")
+
+
 def wait_port(port, timeout=10.0):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -180,6 +193,7 @@ class Stack:
         (tmp / "drainproxy.yaml").write_text(
             f"listen: 127.0.0.1:{PORTS['drainproxy'][0]}\nadmin: 127.0.0.1:18101\n"
             f"upstream:\n  address: 127.0.0.1:{APP}\nruntime:\n  threads: 1\nlog:\n  level: warn\n")
+        refuse_taken(APP, APP_H2, 18101, *{port for pair in PORTS.values() for port in pair})
         nginx = need("nginx")
         self.start("app", ["taskset", "-c", "1", nginx, "-c", str(app / "nginx.conf"), "-p", str(app)], APP)
         self.start("nginx", ["taskset", "-c", "1", nginx, "-c", str(side / "nginx.conf"), "-p", str(side)], PORTS["nginx"][0])
@@ -280,6 +294,7 @@ def run_allocators(paths, tmp, args):
     try:
         for k, (name, path) in enumerate(paths.items()):
             port = ALLOC_PORT + 10 * k
+            refuse_taken(port, port + 1)
             cfg = tmp / f"alloc-{name}.yaml"
             cfg.write_text(f"listen: 127.0.0.1:{port}\nadmin: 127.0.0.1:{port + 1}\nupstream:\n  address: 127.0.0.1:{APP}\n"
                            "runtime:\n  threads: 1\nlog:\n  level: warn\n")
