@@ -34,6 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 APP, APP_H2 = 18080, 18081
+ADMIN = 18101  # drainproxy's admin port in the stack
 PORTS = {  # target -> (http/1.1 port, h2c port)
     "direct": (APP, APP_H2),
     "drainproxy": (18100, 18100),
@@ -67,24 +68,26 @@ def need(tool):
 def refuse_taken(*ports):
     """Exits when something already listens on one of these ports: the run would measure it
     (a proxy or app left over from an earlier run) instead of what it starts."""
-    taken = []
-    for port in ports:
-        with socket.socket() as s:
-            s.settimeout(0.2)
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                taken.append(port)
+    taken = [port for port in ports if listening(port)]
     if taken:
         sys.exit(f"127.0.0.1 ports already in use: {', '.join(map(str, taken))}; stop what listens there and run again")
+
+
+def listening(port):
+    """Whether something accepts connections on 127.0.0.1:port."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+        return True
+    except OSError:
+        return False
 
 
 def wait_port(port, timeout=10.0):
     deadline = time.time() + timeout
     while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+        if listening(port):
             return
-        except OSError:
-            time.sleep(0.02)
+        time.sleep(0.02)
     raise RuntimeError(f"nothing listens on {port}")
 
 
@@ -191,9 +194,9 @@ class Stack:
             "  default_backend app\n"
             f"backend app\n  http-reuse always\n  server app 127.0.0.1:{APP}\n")
         (tmp / "drainproxy.yaml").write_text(
-            f"listen: 127.0.0.1:{PORTS['drainproxy'][0]}\nadmin: 127.0.0.1:18101\n"
+            f"listen: 127.0.0.1:{PORTS['drainproxy'][0]}\nadmin: 127.0.0.1:{ADMIN}\n"
             f"upstream:\n  address: 127.0.0.1:{APP}\nruntime:\n  threads: 1\nlog:\n  level: warn\n")
-        refuse_taken(APP, APP_H2, 18101, *{port for pair in PORTS.values() for port in pair})
+        refuse_taken(APP, APP_H2, ADMIN, *{port for pair in PORTS.values() for port in pair})
         nginx = need("nginx")
         self.start("app", ["taskset", "-c", "1", nginx, "-c", str(app / "nginx.conf"), "-p", str(app)], APP)
         self.start("nginx", ["taskset", "-c", "1", nginx, "-c", str(side / "nginx.conf"), "-p", str(side)], PORTS["nginx"][0])

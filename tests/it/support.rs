@@ -113,18 +113,12 @@ impl AppState {
     }
 }
 
-/// A listener with a backlog of 1,024 (tokio's `bind` gives 128, which a burst of streams that
-/// each need a fresh app connection overflows; the overflowing connects then wait a 1 s SYN
-/// retransmit).
+/// The proxy's own `bind`: its backlog is larger than tokio's default of 128, which a burst of
+/// streams that each need a fresh app connection overflows (the overflowing connects then wait
+/// a 1 s SYN retransmit).
 async fn bind_retry(addr: SocketAddr) -> TcpListener {
-    let listen = || -> std::io::Result<TcpListener> {
-        let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
-        socket.set_reuseaddr(true)?;
-        socket.bind(addr)?;
-        socket.listen(1024)
-    };
     for _ in 0..100 {
-        if let Ok(l) = listen() {
+        if let Ok(l) = drainproxy::server::bind(addr) {
             return l;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
