@@ -74,7 +74,7 @@ pub async fn start(cfg: Config, opts: StartOptions) -> anyhow::Result<Running> {
     let acct = Arc::new(Accounting { metrics: metrics.clone(), activity: activity.clone() });
     let (state_tx, state_rx) = lifecycle::channel();
     let (events_tx, events_rx) = mpsc::channel(64);
-    let upstream = Arc::new(Upstream::new(&cfg.upstream, app_addr));
+    let upstream = Arc::new(Upstream::new(&cfg.upstream, app_addr, metrics.connect_resends.clone()));
     let proxy = Arc::new(Proxy::new(
         acct.clone(),
         state_rx.clone(),

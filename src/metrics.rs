@@ -44,6 +44,7 @@ pub struct Metrics {
     pub drain_last_request: Gauge,
     connections_closed: [IntCounter; 3],
     pub app_healthy: IntGauge,
+    pub connect_resends: IntCounter,
 }
 
 impl Metrics {
@@ -123,6 +124,12 @@ impl Metrics {
         let app_healthy = IntGauge::new("app_healthy", "1 when the app passes its health check")?;
         reg(Box::new(app_healthy.clone()))?;
 
+        let connect_resends = IntCounter::new(
+            "upstream_connect_resends_total",
+            "Fresh connect attempts to the app after earlier ones went unanswered (its accept queue was full)",
+        )?;
+        reg(Box::new(connect_resends.clone()))?;
+
         let build = IntGaugeVec::new(Opts::new("build_info", "Build information"), &["version"])?;
         reg(Box::new(build.clone()))?;
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
@@ -142,6 +149,7 @@ impl Metrics {
             drain_last_request,
             connections_closed,
             app_healthy,
+            connect_resends,
         })
     }
 

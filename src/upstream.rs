@@ -10,14 +10,18 @@
 //! connection the app is closing; and a reaper closes such connections once they expire, so
 //! the connections (and buffers) a burst opened do not outlive it.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{ready, Poll};
 use std::time::{Duration, Instant};
 
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use prometheus::IntCounter;
 use tokio::net::TcpStream;
 use tracing::debug;
 
@@ -39,6 +43,8 @@ pub struct Upstream {
     max_idle: usize,
     idle: Mutex<Vec<Idle>>,
     h2: tokio::sync::Mutex<Option<http2::SendRequest<RequestBody>>>,
+    /// `drainproxy_upstream_connect_resends_total`
+    resends: IntCounter,
 }
 
 /// An HTTP/1.1 connection lent to one exchange; back to the pool via [`Pooled::release`]
@@ -55,7 +61,7 @@ impl Pooled {
 }
 
 impl Upstream {
-    pub fn new(cfg: &UpstreamConfig, addr: SocketAddr) -> Self {
+    pub fn new(cfg: &UpstreamConfig, addr: SocketAddr, resends: IntCounter) -> Self {
         Upstream {
             addr,
             protocol: cfg.protocol,
@@ -65,6 +71,7 @@ impl Upstream {
             max_idle: cfg.pool_max_idle,
             idle: Mutex::new(Vec::new()),
             h2: tokio::sync::Mutex::new(None),
+            resends,
         }
     }
 
@@ -147,10 +154,7 @@ impl Upstream {
     }
 
     async fn connect(&self) -> Result<TcpStream, ProxyError> {
-        let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.addr))
-            .await
-            .map_err(|_| ProxyError::ConnectTimeout)?
-            .map_err(connect_error)?;
+        let stream = connect_resending(self.addr, self.connect_timeout, &self.resends).await?;
         // Small requests must not wait for Nagle's algorithm on loopback.
         let _ = stream.set_nodelay(true);
         Ok(stream)
@@ -252,6 +256,53 @@ impl Upstream {
     pub fn idle_connections(&self) -> usize {
         self.idle.lock().map(|v| v.len()).unwrap_or(0)
     }
+}
+
+/// How long a connect attempt goes unanswered before a fresh one joins it; doubles after each.
+const RESEND_FIRST: Duration = Duration::from_millis(100);
+
+/// Connects to `addr` within `timeout`, resending the SYN faster than the kernel does.
+///
+/// An app whose accept queue is full (a burst of new connections, a small `listen` backlog)
+/// drops the SYN, and the kernel sends it again only after 1 s, then 3 s and 7 s: past the
+/// connect timeout, so the request would get a 503 although the app frees its queue within
+/// milliseconds. So while no attempt has completed, a fresh attempt (a new socket, a new SYN)
+/// joins the ones in flight after [`RESEND_FIRST`], then after twice that, and so on, each
+/// interval jittered by ±50% so a burst does not resend in lockstep. The first attempt to
+/// complete wins and the others are closed unused. Older attempts stay in flight, so a slow
+/// but answering network loses nothing. A refusal or other error ends the connect at once.
+async fn connect_resending(addr: SocketAddr, timeout: Duration, resends: &IntCounter) -> Result<TcpStream, ProxyError> {
+    type Attempt = Pin<Box<dyn Future<Output = std::io::Result<TcpStream>> + Send>>;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut attempts: Vec<Attempt> = vec![Box::pin(TcpStream::connect(addr))];
+    let mut interval = RESEND_FIRST;
+    let mut timer = Box::pin(tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + jittered(interval))));
+    std::future::poll_fn(|cx| loop {
+        for attempt in &mut attempts {
+            if let Poll::Ready(r) = attempt.as_mut().poll(cx) {
+                return Poll::Ready(r.map_err(connect_error));
+            }
+        }
+        ready!(timer.as_mut().poll(cx));
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            return Poll::Ready(Err(ProxyError::ConnectTimeout));
+        }
+        debug!(%addr, attempts = attempts.len() + 1, "connect to the app unanswered; sending a fresh SYN");
+        resends.inc();
+        interval *= 2;
+        timer.as_mut().reset(deadline.min(now + jittered(interval)));
+        attempts.push(Box::pin(TcpStream::connect(addr)));
+    })
+    .await
+}
+
+/// `d` scaled by a random factor in [0.5, 1.5).
+fn jittered(d: Duration) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    // Each `RandomState` is freshly keyed, so hashing nothing yields a random number.
+    let r = std::collections::hash_map::RandomState::new().build_hasher().finish();
+    d.mul_f64(0.5 + (r % 1024) as f64 / 1024.0)
 }
 
 /// `fut` bounded by `upstream.request_timeout` when one is set.

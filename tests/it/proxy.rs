@@ -178,6 +178,38 @@ async fn connect_timeout_gets_503_with_retry_hint() {
     assert_eq!(r.headers["x-drainproxy-not-forwarded"], "connect_timeout");
 }
 
+#[tokio::test]
+async fn a_connect_a_full_accept_queue_drops_is_resent_before_the_connect_timeout() {
+    // The app's accept queue (backlog 0: one connection) is full, so it drops the proxy's SYN;
+    // the kernel would send it again only after 1 s, past this 900 ms connect timeout.
+    let sock = TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = sock.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let filler = TcpStream::connect(addr).await.unwrap();
+    let p = proxy(addr, |c| {
+        c.health.path = None;
+        c.upstream.connect_timeout = drainproxy::config::Dur::millis(900);
+    })
+    .await;
+    let started = Instant::now();
+    let request = tokio::spawn(get(p.proxy_addr, "/hello"));
+    // Once the proxy has resent (its first SYN went unanswered), the app empties its queue.
+    let resent = async {
+        while p.metrics.connect_resends.get() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_millis(900), resent).await.expect("the proxy resends its connect");
+    let _app = serve_app(listener, std::sync::Arc::default());
+    drop(filler);
+    let r = request.await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(started.elapsed() < Duration::from_millis(900), "answered after {:?}", started.elapsed());
+    let m = metrics(&p).await;
+    assert!(metric(&m, "drainproxy_upstream_connect_resends_total", &[]) >= 1.0);
+}
+
 /// An app that reads the request, then closes without answering.
 async fn rude_app() -> std::net::SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();

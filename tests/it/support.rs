@@ -73,7 +73,11 @@ pub async fn app() -> App {
 }
 
 pub async fn app_on(addr: SocketAddr, state: Arc<AppState>) -> App {
-    let listener = bind_retry(addr).await;
+    serve_app(bind_retry(addr).await, state)
+}
+
+/// The test app, serving connections from `listener` (and those already queued on it).
+pub fn serve_app(listener: TcpListener, state: Arc<AppState>) -> App {
     let addr = listener.local_addr().unwrap();
     let st = state.clone();
     let task = tokio::spawn(async move {
