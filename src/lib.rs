@@ -18,4 +18,5 @@ pub mod logging;
 pub mod metrics;
 pub mod proxy;
 pub mod server;
+pub mod sock;
 pub mod upstream;
