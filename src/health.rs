@@ -5,15 +5,17 @@
 //! Probes use their own short-lived connection, never the proxy's pool, so a probe cannot
 //! take or poison a connection that carries traffic.
 
+use std::error::Error as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, Request};
 use http_body_util::Empty;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
+use prometheus::IntCounter;
 use tokio::sync::mpsc;
 use tokio::time::MissedTickBehavior;
 use tracing::{info, warn};
@@ -21,6 +23,7 @@ use tracing::{info, warn};
 use crate::config::HealthConfig;
 use crate::lifecycle::{Event, HealthReport};
 use crate::metrics::Metrics;
+use crate::upstream::connect_resending;
 
 /// Applies `healthy_threshold` and `unhealthy_threshold` to a run of probe results.
 #[derive(Debug, Default)]
@@ -65,7 +68,7 @@ pub async fn run(cfg: HealthConfig, app: SocketAddr, events: mpsc::Sender<Event>
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let result = probe(&cfg, app).await;
+        let result = probe(&cfg, app, &metrics.connect_resends).await;
         let ok = result.is_ok();
         let v = verdict.record(ok, cfg.healthy_threshold, cfg.unhealthy_threshold);
         if v != last {
@@ -83,16 +86,26 @@ pub async fn run(cfg: HealthConfig, app: SocketAddr, events: mpsc::Sender<Event>
     }
 }
 
-/// One probe, bounded by `health.timeout`.
-pub async fn probe(cfg: &HealthConfig, app: SocketAddr) -> Result<(), String> {
-    match tokio::time::timeout(cfg.timeout.0, probe_once(cfg.path.as_deref(), app)).await {
+/// One probe, bounded by `health.timeout`. Its connect resends like the proxy's, so a burst
+/// that fills the app's accept queue for a moment does not fail the probe.
+pub async fn probe(cfg: &HealthConfig, app: SocketAddr, resends: &IntCounter) -> Result<(), String> {
+    let probe = probe_once(cfg.path.as_deref(), app, cfg.timeout.0, resends);
+    match tokio::time::timeout(cfg.timeout.0, probe).await {
         Ok(r) => r,
         Err(_) => Err(format!("no answer within health.timeout ({})", cfg.timeout)),
     }
 }
 
-async fn probe_once(path: Option<&str>, app: SocketAddr) -> Result<(), String> {
-    let stream = TcpStream::connect(app).await.map_err(|e| format!("connect failed: {e}"))?;
+async fn probe_once(
+    path: Option<&str>,
+    app: SocketAddr,
+    timeout: Duration,
+    resends: &IntCounter,
+) -> Result<(), String> {
+    let stream = connect_resending(app, timeout, resends).await.map_err(|e| match e.source() {
+        Some(cause) => format!("{e}: {cause}"),
+        None => e.to_string(),
+    })?;
     let Some(path) = path else { return Ok(()) };
     let _ = stream.set_nodelay(true);
     let (mut sender, conn) =
@@ -127,5 +140,31 @@ mod tests {
         assert_eq!(v.record(false, 2, 3), Some(true));
         assert_eq!(v.record(false, 2, 3), Some(true));
         assert_eq!(v.record(false, 2, 3), Some(false));
+    }
+
+    /// The app's accept queue (backlog 0: one connection) is full, so it drops the probe's
+    /// SYN; the kernel would resend it only after 1 s, past this probe's 900 ms timeout.
+    #[tokio::test]
+    async fn a_probe_resends_a_connect_a_full_accept_queue_dropped() {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = sock.listen(0).unwrap();
+        let app = listener.local_addr().unwrap();
+        let _filler = tokio::net::TcpStream::connect(app).await.unwrap();
+        let cfg = HealthConfig { path: None, timeout: crate::config::Dur::millis(900), ..HealthConfig::default() };
+        let resends = IntCounter::new("resends", "resends").unwrap();
+        let probing = tokio::spawn({
+            let resends = resends.clone();
+            async move { probe(&cfg, app, &resends).await }
+        });
+        let resent = async {
+            while resends.get() == 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_millis(900), resent).await.expect("the probe resends its connect");
+        // The app takes the queued connection; the next resent SYN fits.
+        let _accepted = listener.accept().await.unwrap();
+        assert_eq!(probing.await.unwrap(), Ok(()));
     }
 }

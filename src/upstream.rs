@@ -272,7 +272,11 @@ const RESEND_FIRST: Duration = Duration::from_millis(100);
 /// interval jittered by ±50% so a burst does not resend in lockstep. The first attempt to
 /// complete wins and the others are closed unused. Older attempts stay in flight, so a slow
 /// but answering network loses nothing. A refusal or other error ends the connect at once.
-async fn connect_resending(addr: SocketAddr, timeout: Duration, resends: &IntCounter) -> Result<TcpStream, ProxyError> {
+pub async fn connect_resending(
+    addr: SocketAddr,
+    timeout: Duration,
+    resends: &IntCounter,
+) -> Result<TcpStream, ProxyError> {
     type Attempt = Pin<Box<dyn Future<Output = std::io::Result<TcpStream>> + Send>>;
     let deadline = tokio::time::Instant::now() + timeout;
     let mut attempts: Vec<Attempt> = vec![Box::pin(TcpStream::connect(addr))];
