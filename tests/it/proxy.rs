@@ -154,20 +154,27 @@ async fn app_refusing_connections_gets_503_with_retry_hint() {
     assert_eq!(metric(&m, "drainproxy_upstream_errors_total", &[("kind", "connect_refused")]), 1.0);
 }
 
-#[tokio::test]
-async fn connect_timeout_gets_503_with_retry_hint() {
-    // A listener with a tiny backlog that never accepts: once its queue is full, further
-    // SYNs are dropped and connects hang.
+/// A listener (backlog 0) whose accept queue is full: it drops further SYNs, so connects to
+/// it hang. Filled until one connect goes unanswered, with the connections that filled it.
+async fn full_accept_queue() -> (TcpListener, Vec<TcpStream>) {
     let sock = TcpSocket::new_v4().unwrap();
     sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    let stuck = sock.listen(0).unwrap();
-    let addr = stuck.local_addr().unwrap();
+    let listener = sock.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap();
     let mut fillers = Vec::new();
-    for _ in 0..4 {
-        if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_millis(100), TcpStream::connect(addr)).await {
-            fillers.push(s);
+    for _ in 0..8 {
+        match tokio::time::timeout(Duration::from_millis(100), TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => fillers.push(s),
+            _ => return (listener, fillers),
         }
     }
+    panic!("the accept queue of a backlog-0 listener took {} connections", fillers.len());
+}
+
+#[tokio::test]
+async fn connect_timeout_gets_503_with_retry_hint() {
+    let (stuck, _fillers) = full_accept_queue().await;
+    let addr = stuck.local_addr().unwrap();
     let p = proxy(addr, |c| {
         c.health.path = None;
         c.upstream.connect_timeout = drainproxy::config::Dur::millis(150);
@@ -180,13 +187,10 @@ async fn connect_timeout_gets_503_with_retry_hint() {
 
 #[tokio::test]
 async fn a_connect_a_full_accept_queue_drops_is_resent_before_the_connect_timeout() {
-    // The app's accept queue (backlog 0: one connection) is full, so it drops the proxy's SYN;
-    // the kernel would send it again only after 1 s, past this 900 ms connect timeout.
-    let sock = TcpSocket::new_v4().unwrap();
-    sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    let listener = sock.listen(0).unwrap();
+    // The app's accept queue is full, so it drops the proxy's SYN; the kernel would send it
+    // again only after 1 s, past this 900 ms connect timeout.
+    let (listener, fillers) = full_accept_queue().await;
     let addr = listener.local_addr().unwrap();
-    let filler = TcpStream::connect(addr).await.unwrap();
     let p = proxy(addr, |c| {
         c.health.path = None;
         c.upstream.connect_timeout = drainproxy::config::Dur::millis(900);
@@ -202,7 +206,7 @@ async fn a_connect_a_full_accept_queue_drops_is_resent_before_the_connect_timeou
     };
     tokio::time::timeout(Duration::from_millis(900), resent).await.expect("the proxy resends its connect");
     let _app = serve_app(listener, std::sync::Arc::default());
-    drop(filler);
+    drop(fillers);
     let r = request.await.unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(started.elapsed() < Duration::from_millis(900), "answered after {:?}", started.elapsed());
