@@ -7,10 +7,11 @@
 //! [`ResponseBody`] streams the app's body frame by frame (trailers included), never
 //! buffering, and hands the upstream connection back to the pool only after its last frame.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -173,26 +174,100 @@ impl Drop for RequestGuard {
 }
 
 /// The request body on its way to the app. On HTTP/1.1 it tells its connection when it has
-/// been read to its end: only then is the connection between two messages.
+/// been read to its end: only then is the connection between two messages. On HTTP/2 a body
+/// still streaming is shared with the response, which ends only after it (see [`SharedBody`]).
 pub struct RequestBody {
-    inner: Incoming,
+    inner: Inner,
     conn: Option<Arc<ConnState>>,
+}
+
+enum Inner {
+    Owned(Incoming),
+    Shared(Arc<SharedBody>),
+}
+
+/// An HTTP/2 request body that was still streaming when its request was forwarded.
+///
+/// The app may answer in full before it has read the whole body (an upload it refuses, or does
+/// not need) and go on reading it, as nginx does. The body is still forwarded to its end, and
+/// the response to the client ends (`END_STREAM`) only once it has: a client still uploading
+/// then learns that its exchange is over from a frame that arrives after its last one. curl
+/// 7.88 needs that frame, and waited for the connection's idle timeout without it. The wait is
+/// bounded by [`HOLD_END_MAX`]; it ends at once when the body can no longer be forwarded (the
+/// app closed its connection).
+pub struct SharedBody(Mutex<Slot>);
+
+/// How long a complete response waits for its request body to be forwarded to its end.
+pub const HOLD_END_MAX: std::time::Duration = std::time::Duration::from_secs(5);
+
+struct Slot {
+    state: Forwarding,
+    /// The response waiting for the body to end.
+    response: Option<Waker>,
+}
+
+enum Forwarding {
+    Open(Incoming),
+    /// Read to its end, failed, or dropped by the forwarding before its end.
+    Done,
+}
+
+impl SharedBody {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Slot> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Marks the forwarding over and wakes the response waiting for it.
+    fn done(slot: &mut Slot) {
+        slot.state = Forwarding::Done;
+        if let Some(w) = slot.response.take() {
+            w.wake();
+        }
+    }
+
+    /// Ready once the body is no longer being forwarded; else registers `cx` to be woken then.
+    fn poll_done(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut slot = self.lock();
+        match slot.state {
+            Forwarding::Done => Poll::Ready(()),
+            Forwarding::Open(_) => {
+                if !slot.response.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                    slot.response = Some(cx.waker().clone());
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_done(&self) -> bool {
+        matches!(self.lock().state, Forwarding::Done)
+    }
 }
 
 impl RequestBody {
     /// `conn`: the HTTP/1.1 connection to tell (none for HTTP/2, whose streams are separate).
     pub fn new(inner: Incoming, conn: Option<&Arc<ConnState>>) -> Self {
         let open = !inner.is_end_stream();
-        let conn = conn.filter(|_| open).cloned();
+        let Some(conn) = conn else {
+            let inner = if open {
+                Inner::Shared(Arc::new(SharedBody(Mutex::new(Slot { state: Forwarding::Open(inner), response: None }))))
+            } else {
+                Inner::Owned(inner)
+            };
+            return RequestBody { inner, conn: None };
+        };
+        let conn = Some(conn).filter(|_| open).cloned();
         if let Some(c) = &conn {
             c.body_open.store(true, Relaxed);
         }
-        RequestBody { inner, conn }
+        RequestBody { inner: Inner::Owned(inner), conn }
     }
 
-    fn ended(&mut self) {
-        if let Some(c) = self.conn.take() {
-            c.body_open.store(false, Relaxed);
+    /// The shared state of an HTTP/2 body still streaming, for the response to wait on.
+    pub fn shared(&self) -> Option<Arc<SharedBody>> {
+        match &self.inner {
+            Inner::Shared(shared) => Some(shared.clone()),
+            Inner::Owned(_) => None,
         }
     }
 }
@@ -202,21 +277,66 @@ impl Body for RequestBody {
     type Error = hyper::Error;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        let this = &mut *self;
+        let shared = match &mut this.inner {
+            Inner::Owned(inner) => {
+                let polled = Pin::new(&mut *inner).poll_frame(cx);
+                let end = match &polled {
+                    Poll::Ready(None) => true,
+                    Poll::Ready(Some(Ok(_))) => inner.is_end_stream(),
+                    _ => false,
+                };
+                if end {
+                    if let Some(c) = this.conn.take() {
+                        c.body_open.store(false, Relaxed);
+                    }
+                }
+                return polled;
+            }
+            Inner::Shared(shared) => shared,
+        };
+        let mut slot = shared.lock();
+        let Forwarding::Open(body) = &mut slot.state else { return Poll::Ready(None) };
+        let polled = Pin::new(&mut *body).poll_frame(cx);
         match &polled {
-            Poll::Ready(None) => self.ended(),
-            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.ended(),
-            _ => {}
+            Poll::Pending => {}
+            Poll::Ready(Some(Ok(_))) if !body.is_end_stream() => {}
+            Poll::Ready(_) => SharedBody::done(&mut slot),
         }
         polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.inner {
+            Inner::Owned(inner) => inner.is_end_stream(),
+            Inner::Shared(shared) => match &shared.lock().state {
+                Forwarding::Open(body) => body.is_end_stream(),
+                Forwarding::Done => true,
+            },
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.inner {
+            Inner::Owned(inner) => inner.size_hint(),
+            Inner::Shared(shared) => match &shared.lock().state {
+                Forwarding::Open(body) => body.size_hint(),
+                Forwarding::Done => SizeHint::with_exact(0),
+            },
+        }
+    }
+}
+
+impl Drop for RequestBody {
+    fn drop(&mut self) {
+        // Dropped before its end (the app's connection closed, the request failed): the
+        // response need not wait for it any more.
+        if let Inner::Shared(shared) = &self.inner {
+            let mut slot = shared.lock();
+            if let Forwarding::Open(_) = slot.state {
+                SharedBody::done(&mut slot);
+            }
+        }
     }
 }
 
@@ -229,20 +349,25 @@ pub struct ResponseBody {
     kind: Kind,
     guard: Option<RequestGuard>,
     pooled: Option<Pooled>,
+    /// An HTTP/2 request body still being forwarded: the response ends only after it.
+    request: Option<Arc<SharedBody>>,
+    /// The app's body has ended; the end is held until `request` is done (bounded).
+    held: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl ResponseBody {
     pub fn full(data: Bytes) -> Self {
         let data = if data.is_empty() { None } else { Some(data) };
-        ResponseBody { kind: Kind::Full(data), guard: None, pooled: None }
+        ResponseBody { kind: Kind::Full(data), guard: None, pooled: None, request: None, held: None }
     }
 
     pub fn empty() -> Self {
-        ResponseBody { kind: Kind::Full(None), guard: None, pooled: None }
+        ResponseBody { kind: Kind::Full(None), guard: None, pooled: None, request: None, held: None }
     }
 
-    pub fn upstream(body: Incoming, pooled: Option<Pooled>) -> Self {
-        ResponseBody { kind: Kind::Upstream(body), guard: None, pooled }
+    /// `request`: the request's body if it is an HTTP/2 one still being forwarded.
+    pub fn upstream(body: Incoming, pooled: Option<Pooled>, request: Option<Arc<SharedBody>>) -> Self {
+        ResponseBody { kind: Kind::Upstream(body), guard: None, pooled, request, held: None }
     }
 
     /// Attaches the in-flight guard; if the body is already complete (empty), the guard is
@@ -258,6 +383,29 @@ impl ResponseBody {
         }
         self.guard = None;
     }
+
+    /// The request body is still being forwarded, so the response must not end yet.
+    fn request_open(&self) -> bool {
+        self.request.as_ref().is_some_and(|r| !r.is_done())
+    }
+
+    /// Holds the end of a complete response until the request body is done, or for at most
+    /// [`HOLD_END_MAX`].
+    fn poll_end(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let done = self.request.as_ref().is_none_or(|r| r.poll_done(cx).is_ready());
+        if !done {
+            let held = self.held.get_or_insert_with(|| Box::pin(tokio::time::sleep(HOLD_END_MAX)));
+            if held.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            tracing::debug!(
+                "the request body was still arriving {HOLD_END_MAX:?} after a complete response; ending it"
+            );
+        }
+        self.request = None;
+        self.finish();
+        Poll::Ready(None)
+    }
 }
 
 impl Body for ResponseBody {
@@ -266,17 +414,23 @@ impl Body for ResponseBody {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
+        if this.held.is_some() {
+            return this.poll_end(cx);
+        }
         let polled = match &mut this.kind {
             Kind::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             Kind::Upstream(body) => Pin::new(body).poll_frame(cx),
         };
         match &polled {
+            Poll::Ready(None) if this.request_open() => return this.poll_end(cx),
             Poll::Ready(None) => this.finish(),
             Poll::Ready(Some(Err(_))) => {
                 // The app's connection failed mid-body: it must not go back to the pool.
                 this.pooled = None;
                 this.guard = None;
             }
+            // The last data frame goes out without END_STREAM; the next poll holds the end.
+            Poll::Ready(Some(Ok(f))) if f.is_data() && this.request_open() => {}
             Poll::Ready(Some(Ok(_))) if this.is_end_stream() => this.finish(),
             _ => {}
         }
@@ -284,10 +438,11 @@ impl Body for ResponseBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        match &self.kind {
+        let app_done = match &self.kind {
             Kind::Full(data) => data.is_none(),
             Kind::Upstream(body) => body.is_end_stream(),
-        }
+        };
+        app_done && !self.request_open()
     }
 
     fn size_hint(&self) -> SizeHint {

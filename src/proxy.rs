@@ -20,7 +20,7 @@ use hyper_util::rt::TokioIo;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use crate::body::{AccessInfo, Accounting, ConnState, RequestBody, RequestGuard, ResponseBody};
+use crate::body::{AccessInfo, Accounting, ConnState, RequestBody, RequestGuard, ResponseBody, SharedBody};
 use crate::config::UpstreamProtocol;
 use crate::error::ProxyError;
 use crate::lifecycle::{Phase, State};
@@ -93,11 +93,13 @@ impl ProxyService {
         let upgrade = !self.h2 && seen.is_upgrade_request(req.headers());
         let client_upgrade = if upgrade { Some(hyper::upgrade::on(&mut req)) } else { None };
 
+        let mut request_body = None;
         let result = if phase == Phase::Drained {
             // Released: the app may be stopping now. Not forwarding is the safe answer.
             Err(ProxyError::Released)
         } else {
             self.prepare(&mut req, upgrade, seen);
+            request_body = req.body().shared();
             if upgrade {
                 // Boxed: rare, and its connect would make every request's future larger.
                 Box::pin(p.upstream.send_upgrade(req)).await.map(|r| (r, None))
@@ -110,7 +112,7 @@ impl ProxyService {
             Ok((res, _)) if upgrade && res.status() == StatusCode::SWITCHING_PROTOCOLS => {
                 return Ok(self.start_tunnel(res, client_upgrade, guard));
             }
-            Ok((res, pooled)) => into_client_response(res, pooled),
+            Ok((res, pooled)) => into_client_response(res, pooled, request_body),
             Err(error) => {
                 if let Some(kind) = error.upstream_kind() {
                     p.acct.metrics.upstream_error(kind);
@@ -252,10 +254,14 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
     }
 }
 
-fn into_client_response(res: Response<Incoming>, pooled: Option<Pooled>) -> Response<ResponseBody> {
+fn into_client_response(
+    res: Response<Incoming>,
+    pooled: Option<Pooled>,
+    request_body: Option<Arc<SharedBody>>,
+) -> Response<ResponseBody> {
     let (mut parts, body) = res.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    Response::from_parts(parts, ResponseBody::upstream(body, pooled))
+    Response::from_parts(parts, ResponseBody::upstream(body, pooled, request_body))
 }
 
 /// The headers a proxy acts on, found in one pass over a header map: one comparison per

@@ -214,6 +214,34 @@ async fn a_connect_a_full_accept_queue_drops_is_resent_before_the_connect_timeou
     assert!(metric(&m, "drainproxy_upstream_connect_resends_total", &[]) >= 1.0);
 }
 
+/// An HTTP/2 client is still uploading when the app has answered in full and goes on reading
+/// the body. The response ends (END_STREAM) only after the client's last frame, so the client
+/// learns from a frame that arrives after it that the exchange is over (curl 7.88 needs one).
+#[tokio::test]
+async fn an_http2_response_ends_only_after_the_request_body_the_app_still_reads() {
+    let app = app().await;
+    let p = ready_proxy(app.addr, |_| {}).await;
+    let (mut sender, _conn) = h2(p.proxy_addr).await;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+    let chunks = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<_, hyper::Error>(hyper::body::Frame::data(b)), rx))
+    });
+    let body = BodyExt::boxed(http_body_util::StreamBody::new(chunks));
+    tx.send(Bytes::from(vec![b'a'; 16 * 1024])).await.unwrap();
+    let req = Request::post(format!("http://{}/early", p.proxy_addr)).body(body).unwrap();
+    let res = sender.send_request(req).await.unwrap();
+    assert_eq!(res.status(), 200);
+    let mut res = res.into_body();
+    let first = res.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(&first[..], b"early");
+    let end = tokio::time::timeout(Duration::from_millis(300), res.frame()).await;
+    assert!(end.is_err(), "the response ended while the request body was still arriving: {end:?}");
+    tx.send(Bytes::from(vec![b'b'; 16 * 1024])).await.unwrap();
+    drop(tx);
+    let rest = tokio::time::timeout(Duration::from_secs(2), res.collect()).await.expect("the response ends");
+    assert!(rest.unwrap().to_bytes().is_empty());
+}
+
 /// An app that reads the request, then closes without answering.
 async fn rude_app() -> std::net::SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();

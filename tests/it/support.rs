@@ -139,6 +139,12 @@ async fn handle(mut req: Request<Incoming>, st: Arc<AppState>) -> Result<Respons
         st.requests.fetch_add(1, Ordering::SeqCst);
         *st.last_headers.lock().unwrap() = req.headers().clone();
     }
+    if req.uri().path() == "/early" {
+        // Answers at once and reads the request body afterwards, as nginx does with a
+        // request it answers without needing the body.
+        tokio::spawn(req.into_body().collect());
+        return Ok(Response::new(full("early")));
+    }
     let res = match req.uri().path() {
         "/healthz" if st.unhealthy.load(Ordering::SeqCst) => status(503),
         "/hold" => {
