@@ -214,14 +214,13 @@ async fn a_connect_a_full_accept_queue_drops_is_resent_before_the_connect_timeou
     assert!(metric(&m, "drainproxy_upstream_connect_resends_total", &[]) >= 1.0);
 }
 
-/// An HTTP/2 client is still uploading when the app has answered in full and goes on reading
-/// the body. The response ends (END_STREAM) only after the client's last frame, so the client
-/// learns from a frame that arrives after it that the exchange is over (curl 7.88 needs one).
-#[tokio::test]
-async fn an_http2_response_ends_only_after_the_request_body_the_app_still_reads() {
-    let app = app().await;
-    let p = ready_proxy(app.addr, |_| {}).await;
-    let (mut sender, _conn) = h2(p.proxy_addr).await;
+/// An HTTP/2 POST to `/early` (the app answers at once, then reads the body) whose body has
+/// sent one chunk and stays open: the sender for the rest, and the response body after its
+/// first frame (checked to be the app's answer).
+async fn early_answer_while_uploading(
+    p: &drainproxy::app::Running,
+) -> (tokio::sync::mpsc::Sender<Bytes>, hyper::body::Incoming, tokio::task::JoinHandle<hyper::Result<()>>) {
+    let (mut sender, conn) = h2(p.proxy_addr).await;
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
     let chunks = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|b| (Ok::<_, hyper::Error>(hyper::body::Frame::data(b)), rx))
@@ -234,12 +233,37 @@ async fn an_http2_response_ends_only_after_the_request_body_the_app_still_reads(
     let mut res = res.into_body();
     let first = res.frame().await.unwrap().unwrap().into_data().unwrap();
     assert_eq!(&first[..], b"early");
+    (tx, res, conn)
+}
+
+/// An HTTP/2 client is still uploading when the app has answered in full and goes on reading
+/// the body. The response ends (END_STREAM) only after the client's last frame, so the client
+/// learns from a frame that arrives after it that the exchange is over (curl 7.88 needs one).
+#[tokio::test]
+async fn an_http2_response_ends_only_after_the_request_body_the_app_still_reads() {
+    let app = app().await;
+    let p = ready_proxy(app.addr, |_| {}).await;
+    let (tx, mut res, _conn) = early_answer_while_uploading(&p).await;
     let end = tokio::time::timeout(Duration::from_millis(300), res.frame()).await;
     assert!(end.is_err(), "the response ended while the request body was still arriving: {end:?}");
     tx.send(Bytes::from(vec![b'b'; 16 * 1024])).await.unwrap();
     drop(tx);
     let rest = tokio::time::timeout(Duration::from_secs(2), res.collect()).await.expect("the response ends");
     assert!(rest.unwrap().to_bytes().is_empty());
+}
+
+/// The hold is bounded: an upload that never ends does not keep the response open past
+/// `HOLD_END_MAX`.
+#[tokio::test]
+async fn a_held_http2_response_ends_at_its_bound_when_the_upload_does_not() {
+    let app = app().await;
+    let p = ready_proxy(app.addr, |_| {}).await;
+    let (_tx, res, _conn) = early_answer_while_uploading(&p).await;
+    let started = Instant::now();
+    let bound = drainproxy::body::HOLD_END_MAX;
+    let rest = tokio::time::timeout(bound + Duration::from_secs(3), res.collect()).await.expect("the hold ends");
+    assert!(rest.unwrap().to_bytes().is_empty());
+    assert!(started.elapsed() >= bound - Duration::from_millis(500), "ended after {:?}", started.elapsed());
 }
 
 /// An app that reads the request, then closes without answering.
