@@ -171,15 +171,19 @@ async fn full_accept_queue() -> (TcpListener, Vec<TcpStream>) {
     panic!("the accept queue of a backlog-0 listener took {} connections", fillers.len());
 }
 
+/// A proxy to `app` with a TCP health check and `upstream.connect_timeout` of `ms`.
+async fn proxy_with_connect_timeout(app: std::net::SocketAddr, ms: u64) -> drainproxy::app::Running {
+    proxy(app, |c| {
+        c.health.path = None;
+        c.upstream.connect_timeout = drainproxy::config::Dur::millis(ms);
+    })
+    .await
+}
+
 #[tokio::test]
 async fn connect_timeout_gets_503_with_retry_hint() {
     let (stuck, _fillers) = full_accept_queue().await;
-    let addr = stuck.local_addr().unwrap();
-    let p = proxy(addr, |c| {
-        c.health.path = None;
-        c.upstream.connect_timeout = drainproxy::config::Dur::millis(150);
-    })
-    .await;
+    let p = proxy_with_connect_timeout(stuck.local_addr().unwrap(), 150).await;
     let r = get(p.proxy_addr, "/").await;
     assert_eq!(r.status, 503, "{}", r.text());
     assert_eq!(r.headers["x-drainproxy-not-forwarded"], "connect_timeout");
@@ -190,12 +194,7 @@ async fn a_connect_a_full_accept_queue_drops_is_resent_before_the_connect_timeou
     // The app's accept queue is full, so it drops the proxy's SYN; the kernel would send it
     // again only after 1 s, past this 900 ms connect timeout.
     let (listener, fillers) = full_accept_queue().await;
-    let addr = listener.local_addr().unwrap();
-    let p = proxy(addr, |c| {
-        c.health.path = None;
-        c.upstream.connect_timeout = drainproxy::config::Dur::millis(900);
-    })
-    .await;
+    let p = proxy_with_connect_timeout(listener.local_addr().unwrap(), 900).await;
     let started = Instant::now();
     let request = tokio::spawn(get(p.proxy_addr, "/hello"));
     // Once the proxy has resent (its first SYN went unanswered), the app empties its queue.
