@@ -248,19 +248,17 @@ impl RequestBody {
     /// `conn`: the HTTP/1.1 connection to tell (none for HTTP/2, whose streams are separate).
     pub fn new(inner: Incoming, conn: Option<&Arc<ConnState>>) -> Self {
         let open = !inner.is_end_stream();
-        let Some(conn) = conn else {
-            let inner = if open {
-                Inner::Shared(Arc::new(SharedBody(Mutex::new(Slot { state: Forwarding::Open(inner), response: None }))))
-            } else {
-                Inner::Owned(inner)
-            };
-            return RequestBody { inner, conn: None };
-        };
-        let conn = Some(conn).filter(|_| open).cloned();
-        if let Some(c) = &conn {
-            c.body_open.store(true, Relaxed);
+        match conn {
+            Some(c) if open => {
+                c.body_open.store(true, Relaxed);
+                RequestBody { inner: Inner::Owned(inner), conn: Some(c.clone()) }
+            }
+            None if open => {
+                let slot = Slot { state: Forwarding::Open(inner), response: None };
+                RequestBody { inner: Inner::Shared(Arc::new(SharedBody(Mutex::new(slot)))), conn: None }
+            }
+            _ => RequestBody { inner: Inner::Owned(inner), conn: None },
         }
-        RequestBody { inner: Inner::Owned(inner), conn }
     }
 
     /// The shared state of an HTTP/2 body still streaming, for the response to wait on.

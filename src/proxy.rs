@@ -93,13 +93,13 @@ impl ProxyService {
         let upgrade = !self.h2 && seen.is_upgrade_request(req.headers());
         let client_upgrade = if upgrade { Some(hyper::upgrade::on(&mut req)) } else { None };
 
-        let mut request_body = None;
+        // An HTTP/2 body still streaming: the response ends only after it (`SharedBody`).
+        let request_body = req.body().shared();
         let result = if phase == Phase::Drained {
             // Released: the app may be stopping now. Not forwarding is the safe answer.
             Err(ProxyError::Released)
         } else {
             self.prepare(&mut req, upgrade, seen);
-            request_body = req.body().shared();
             if upgrade {
                 // Boxed: rare, and its connect would make every request's future larger.
                 Box::pin(p.upstream.send_upgrade(req)).await.map(|r| (r, None))
