@@ -192,9 +192,13 @@ enum Inner {
 /// not need) and go on reading it, as nginx does. The body is still forwarded to its end, and
 /// the response to the client ends (`END_STREAM`) only once it has: a client still uploading
 /// then learns that its exchange is over from a frame that arrives after its last one. curl
-/// 7.88 needs that frame, and waited for the connection's idle timeout without it. The wait is
-/// bounded by [`HOLD_END_MAX`]; it ends at once when the body can no longer be forwarded (the
-/// app closed its connection).
+/// 7.88 needs that frame, and waited for the connection's idle timeout without it.
+///
+/// When the forwarding stops before the body's end (the app answered and closed its connection
+/// without reading it all), the rest of the body is read and discarded instead: the client's
+/// stream then ends cleanly after its upload, where dropping it would reset the stream and
+/// make the client (curl 7.88: error 92) throw away the answer it has. Either wait is bounded
+/// by [`HOLD_END_MAX`].
 pub struct SharedBody(Mutex<Slot>);
 
 /// How long a complete response waits for its request body to be forwarded to its end.
@@ -208,32 +212,56 @@ struct Slot {
 
 enum Forwarding {
     Open(Incoming),
-    /// Read to its end, failed, or dropped by the forwarding before its end.
+    /// Dropped by the forwarding before its end: what is left is read and discarded.
+    Abandoned(Incoming),
+    /// Read to its end, or failed.
     Done,
 }
+
+/// Frames of an abandoned body discarded in one poll before yielding to other tasks.
+const DISCARD_BUDGET: usize = 32;
 
 impl SharedBody {
     fn lock(&self) -> std::sync::MutexGuard<'_, Slot> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Marks the forwarding over and wakes the response waiting for it.
+    /// Marks the body ended and wakes the response waiting for it.
     fn done(slot: &mut Slot) {
         slot.state = Forwarding::Done;
+        SharedBody::wake_response(slot);
+    }
+
+    fn wake_response(slot: &mut Slot) {
         if let Some(w) = slot.response.take() {
             w.wake();
         }
     }
 
-    /// Ready once the body is no longer being forwarded; else registers `cx` to be woken then.
+    /// Ready once the body has ended; else registers `cx` to be woken then. An abandoned body
+    /// is read on, its frames discarded.
     fn poll_done(&self, cx: &mut Context<'_>) -> Poll<()> {
         let mut slot = self.lock();
-        match slot.state {
+        match &mut slot.state {
             Forwarding::Done => Poll::Ready(()),
             Forwarding::Open(_) => {
                 if !slot.response.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
                     slot.response = Some(cx.waker().clone());
                 }
+                Poll::Pending
+            }
+            Forwarding::Abandoned(body) => {
+                for _ in 0..DISCARD_BUDGET {
+                    match Pin::new(&mut *body).poll_frame(cx) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(Some(Ok(_))) if !body.is_end_stream() => {}
+                        Poll::Ready(_) => {
+                            slot.state = Forwarding::Done;
+                            return Poll::Ready(());
+                        }
+                    }
+                }
+                cx.waker().wake_by_ref();
                 Poll::Pending
             }
         }
@@ -309,7 +337,7 @@ impl Body for RequestBody {
             Inner::Owned(inner) => inner.is_end_stream(),
             Inner::Shared(shared) => match &shared.lock().state {
                 Forwarding::Open(body) => body.is_end_stream(),
-                Forwarding::Done => true,
+                Forwarding::Abandoned(_) | Forwarding::Done => true,
             },
         }
     }
@@ -319,7 +347,7 @@ impl Body for RequestBody {
             Inner::Owned(inner) => inner.size_hint(),
             Inner::Shared(shared) => match &shared.lock().state {
                 Forwarding::Open(body) => body.size_hint(),
-                Forwarding::Done => SizeHint::with_exact(0),
+                Forwarding::Abandoned(_) | Forwarding::Done => SizeHint::with_exact(0),
             },
         }
     }
@@ -328,11 +356,12 @@ impl Body for RequestBody {
 impl Drop for RequestBody {
     fn drop(&mut self) {
         // Dropped before its end (the app's connection closed, the request failed): the
-        // response need not wait for it any more.
+        // response, if there is one, reads the rest of it before it ends.
         if let Inner::Shared(shared) = &self.inner {
             let mut slot = shared.lock();
-            if let Forwarding::Open(_) = slot.state {
-                SharedBody::done(&mut slot);
+            if let Forwarding::Open(body) = std::mem::replace(&mut slot.state, Forwarding::Done) {
+                slot.state = Forwarding::Abandoned(body);
+                SharedBody::wake_response(&mut slot);
             }
         }
     }

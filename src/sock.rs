@@ -1,20 +1,69 @@
-//! [`Sock`]: a TCP stream whose one-buffer vectored writes go out with `send(2)`.
+//! [`Sock`]: the proxy's TCP stream to the app.
 //!
-//! hyper writes through `poll_write_vectored`, and tokio turns that into `writev(2)`, which
-//! takes the file-system path (`fdget_pos`, `vfs_writev`, `sock_write_iter`) to reach the
-//! socket. Most writes of a proxied exchange are one buffer (a request head without body, a
-//! response head, one body chunk); `send(2)` reaches the socket directly. Two or more
-//! buffers still go out in one `writev(2)`.
+//! Two things set it apart from a bare `TcpStream`:
+//!
+//! - **One-buffer vectored writes go out with `send(2)`.** hyper writes through
+//!   `poll_write_vectored`, and tokio turns that into `writev(2)`, which takes the file-system
+//!   path (`fdget_pos`, `vfs_writev`, `sock_write_iter`) to reach the socket. Most writes of a
+//!   proxied exchange are one buffer (a request head without body, a response head, one body
+//!   chunk); `send(2)` reaches the socket directly. Two or more buffers still go out in one
+//!   `writev(2)`.
+//! - **An answer the app sent before closing is read, not lost.** An app may answer a request
+//!   before reading its body (a 413, a 401, a 501) and close the connection. With the body
+//!   unread, its kernel resets the connection, and the proxy's next body write fails. hyper's
+//!   client gives up on a failed write, so the caller would get a 502 for a request the app
+//!   did answer. When a write fails that way and the app's bytes are waiting to be read, the
+//!   write is reported done and later writes are discarded until the answer has been read to
+//!   the connection's end: hyper goes on to read the answer. A reset with nothing to read is
+//!   still the error it was, so a pooled connection the app closed is still retried and a
+//!   crash is still a 502.
 
 use std::io;
+use std::os::fd::AsFd;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tracing::debug;
 
 /// The proxy's connection to the app.
-pub struct Sock(pub TcpStream);
+pub struct Sock {
+    stream: TcpStream,
+    /// The app reset the connection after answering: writes are discarded.
+    discarding: bool,
+}
+
+impl Sock {
+    pub fn new(stream: TcpStream) -> Sock {
+        Sock { stream, discarding: false }
+    }
+
+    /// Whether bytes the proxy has not read yet wait in the socket. Asked of the kernel, not of
+    /// tokio's readiness, which may not have seen them yet: the reset that failed the write may
+    /// be the first the runtime learns of this socket since hyper's last read. Through a
+    /// duplicate descriptor (`peek` needs a std socket; the duplicate shares the original's
+    /// non-blocking mode), on the rare failed-write path only.
+    fn unread_bytes_waiting(&self) -> bool {
+        let Ok(fd) = self.stream.as_fd().try_clone_to_owned() else { return false };
+        matches!(std::net::TcpStream::from(fd).peek(&mut [0]), Ok(n) if n > 0)
+    }
+
+    /// `written` as it is, unless it failed because the app reset the connection after
+    /// sending bytes still unread: then `len` (all of it) and discarding from now on.
+    fn unless_answered(&mut self, written: Poll<io::Result<usize>>, len: usize) -> Poll<io::Result<usize>> {
+        let Poll::Ready(Err(e)) = &written else { return written };
+        if !matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe) {
+            return written;
+        }
+        if !self.unread_bytes_waiting() {
+            return written;
+        }
+        debug!(error = %e, "the app closed its connection after answering; discarding the rest of the request to read the answer");
+        self.discarding = true;
+        Poll::Ready(Ok(len))
+    }
+}
 
 /// `bufs` with `send(2)` when only one of them is non-empty, else with `writev(2)`.
 pub fn write_vectored(
@@ -32,29 +81,48 @@ pub fn write_vectored(
 
 impl AsyncRead for Sock {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
+        let filled = buf.filled().len();
+        let read = Pin::new(&mut self.stream).poll_read(cx, buf);
+        // The answer is read to its end: a write from now on (a new request on what hyper may
+        // take for a reusable connection) must fail as a write to a closed connection does.
+        if self.discarding && matches!(&read, Poll::Ready(r) if r.is_err() || buf.filled().len() == filled) {
+            self.discarding = false;
+        }
+        read
     }
 }
 
 impl AsyncWrite for Sock {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
+        if self.discarding {
+            return Poll::Ready(Ok(buf.len()));
+        }
+        let written = Pin::new(&mut self.stream).poll_write(cx, buf);
+        self.unless_answered(written, buf.len())
     }
     fn poll_write_vectored(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        write_vectored(Pin::new(&mut self.0), cx, bufs)
+        let len = || bufs.iter().map(|b| b.len()).sum();
+        if self.discarding {
+            return Poll::Ready(Ok(len()));
+        }
+        let written = write_vectored(Pin::new(&mut self.stream), cx, bufs);
+        self.unless_answered(written, len())
     }
     fn is_write_vectored(&self) -> bool {
         true
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
+        Pin::new(&mut self.stream).poll_flush(cx)
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
+        if self.discarding {
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
 
@@ -68,7 +136,7 @@ mod tests {
     #[tokio::test]
     async fn vectored_writes_arrive_whole_whichever_syscall_carries_them() {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut sock = Sock(TcpStream::connect(l.local_addr().unwrap()).await.unwrap());
+        let mut sock = Sock::new(TcpStream::connect(l.local_addr().unwrap()).await.unwrap());
         let (mut peer, _) = l.accept().await.unwrap();
         let one = [io::IoSlice::new(b""), io::IoSlice::new(b"head"), io::IoSlice::new(b"")];
         assert_eq!(sock.write_vectored(&one).await.unwrap(), 4);
@@ -79,5 +147,52 @@ mod tests {
         let mut got = Vec::new();
         peer.read_to_end(&mut got).await.unwrap();
         assert_eq!(got, b"headabcd");
+    }
+
+    /// A connection whose peer sent `answer` and then reset it; returned once the reset has
+    /// arrived.
+    async fn reset_after(answer: &[u8]) -> Sock {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let sock = Sock::new(TcpStream::connect(l.local_addr().unwrap()).await.unwrap());
+        let (mut peer, _) = l.accept().await.unwrap();
+        peer.write_all(answer).await.unwrap();
+        peer.set_zero_linger().unwrap();
+        drop(peer);
+        sock.stream.ready(tokio::io::Interest::ERROR).await.unwrap();
+        sock
+    }
+
+    /// Reads to the connection's end; a reset ends it too.
+    async fn read_all(sock: &mut Sock) -> Vec<u8> {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        while let Ok(n @ 1..) = sock.read(&mut buf).await {
+            got.extend_from_slice(&buf[..n]);
+        }
+        got
+    }
+
+    /// The app answered and reset the connection: the writes of the rest of the request are
+    /// reported done (so hyper goes on to read), the answer is read whole, and once it has been
+    /// read to the end a write fails as on any closed connection.
+    #[tokio::test]
+    async fn writes_after_the_app_answered_and_reset_are_discarded_until_the_answer_is_read() {
+        let answer = b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 0\r\n\r\n";
+        let mut sock = reset_after(answer).await;
+        assert_eq!(sock.write(b"body").await.unwrap(), 4);
+        let two = [io::IoSlice::new(b"more"), io::IoSlice::new(b"body")];
+        assert_eq!(sock.write_vectored(&two).await.unwrap(), 8);
+        sock.flush().await.unwrap();
+        assert_eq!(read_all(&mut sock).await, answer);
+        assert!(sock.write(b"next request").await.is_err());
+    }
+
+    /// A reset with nothing sent before it stays an error: a pooled connection the app closed
+    /// is retried, a crash is a 502.
+    #[tokio::test]
+    async fn a_write_the_app_reset_without_answering_fails() {
+        let mut sock = reset_after(b"").await;
+        let error = sock.write(b"body").await.unwrap_err();
+        assert!(matches!(error.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe), "{error}");
     }
 }

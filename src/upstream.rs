@@ -164,7 +164,7 @@ impl Upstream {
     async fn connect_h1(&self) -> Result<http1::SendRequest<RequestBody>, ProxyError> {
         let stream = self.connect().await?;
         let (sender, conn) = http1::Builder::new()
-            .handshake(TokioIo::new(Sock(stream)))
+            .handshake(TokioIo::new(Sock::new(stream)))
             .await
             .map_err(|e| ProxyError::Connect(std::io::Error::other(e)))?;
         tokio::spawn(async move {
@@ -186,7 +186,7 @@ impl Upstream {
         let stream = self.connect().await?;
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
-            .handshake(TokioIo::new(Sock(stream)))
+            .handshake(TokioIo::new(Sock::new(stream)))
             .await
             .map_err(|e| ProxyError::Connect(std::io::Error::other(e)))?;
         tokio::spawn(async move {

@@ -213,11 +213,14 @@ async fn a_connect_a_full_accept_queue_drops_is_resent_before_the_connect_timeou
     assert!(metric(&m, "drainproxy_upstream_connect_resends_total", &[]) >= 1.0);
 }
 
-/// An HTTP/2 POST to `/early` (the app answers at once, then reads the body) whose body has
-/// sent one chunk and stays open: the sender for the rest, and the response body after its
-/// first frame (checked to be the app's answer).
+/// An HTTP/2 POST to `path`, which the app answers (`status`, `answer`) before it has the whole
+/// body, whose body has sent one chunk and stays open: the sender for the rest, and the
+/// response body after its first frame (checked to be the app's answer).
 async fn early_answer_while_uploading(
     p: &drainproxy::app::Running,
+    path: &str,
+    status: u16,
+    answer: &[u8],
 ) -> (tokio::sync::mpsc::Sender<Bytes>, hyper::body::Incoming, tokio::task::JoinHandle<hyper::Result<()>>) {
     let (mut sender, conn) = h2(p.proxy_addr).await;
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
@@ -226,29 +229,116 @@ async fn early_answer_while_uploading(
     });
     let body = BodyExt::boxed(http_body_util::StreamBody::new(chunks));
     tx.send(Bytes::from(vec![b'a'; 16 * 1024])).await.unwrap();
-    let req = Request::post(format!("http://{}/early", p.proxy_addr)).body(body).unwrap();
+    let req = Request::post(format!("http://{}{path}", p.proxy_addr)).body(body).unwrap();
     let res = sender.send_request(req).await.unwrap();
-    assert_eq!(res.status(), 200);
+    assert_eq!(res.status(), status);
     let mut res = res.into_body();
     let first = res.frame().await.unwrap().unwrap().into_data().unwrap();
-    assert_eq!(&first[..], b"early");
+    assert_eq!(&first[..], answer);
     (tx, res, conn)
 }
 
-/// An HTTP/2 client is still uploading when the app has answered in full and goes on reading
-/// the body. The response ends (END_STREAM) only after the client's last frame, so the client
-/// learns from a frame that arrives after it that the exchange is over (curl 7.88 needs one).
+/// An HTTP/2 client goes on uploading after the app's complete answer: the response does not
+/// end (END_STREAM) while the client still sends, and ends cleanly after its last frame, so
+/// the client learns from a frame that arrives after it that the exchange is over (curl 7.88
+/// needs one).
+async fn assert_the_response_ends_after_the_upload(
+    p: &drainproxy::app::Running,
+    path: &str,
+    status: u16,
+    answer: &[u8],
+) {
+    let (tx, mut res, _conn) = early_answer_while_uploading(p, path, status, answer).await;
+    tx.send(Bytes::from(vec![b'b'; 16 * 1024])).await.unwrap();
+    let end = tokio::time::timeout(Duration::from_millis(300), res.frame()).await;
+    assert!(end.is_err(), "the response ended while the request body was still arriving: {end:?}");
+    tx.send(Bytes::from(vec![b'c'; 16 * 1024])).await.unwrap();
+    drop(tx);
+    let rest = tokio::time::timeout(Duration::from_secs(2), res.collect()).await.expect("the response ends");
+    assert!(rest.expect("the response ends without a reset").to_bytes().is_empty());
+}
+
+/// The app answers in full and goes on reading the body, as nginx does.
 #[tokio::test]
 async fn an_http2_response_ends_only_after_the_request_body_the_app_still_reads() {
     let app = app().await;
     let p = ready_proxy(app.addr, |_| {}).await;
-    let (tx, mut res, _conn) = early_answer_while_uploading(&p).await;
-    let end = tokio::time::timeout(Duration::from_millis(300), res.frame()).await;
-    assert!(end.is_err(), "the response ended while the request body was still arriving: {end:?}");
-    tx.send(Bytes::from(vec![b'b'; 16 * 1024])).await.unwrap();
-    drop(tx);
-    let rest = tokio::time::timeout(Duration::from_secs(2), res.collect()).await.expect("the response ends");
-    assert!(rest.unwrap().to_bytes().is_empty());
+    assert_the_response_ends_after_the_upload(&p, "/early", 200, b"early").await;
+}
+
+/// The app answers and closes without reading the body: the proxy reads the rest of the
+/// upload itself (and discards it), where dropping it would reset the client's stream.
+#[tokio::test]
+async fn an_http2_upload_the_app_refused_and_closed_on_is_read_to_its_end() {
+    let p = ready_proxy(refusing_app().await, |c| c.health.path = None).await;
+    assert_the_response_ends_after_the_upload(&p, "/upload", 413, REFUSAL_BODY).await;
+}
+
+/// An app that refuses every upload as soon as it has the request head: it answers 413 and
+/// closes without reading the body, so its kernel resets the connection.
+async fn refusing_app() -> std::net::SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            tokio::spawn(async move {
+                if read_head(&mut s).await {
+                    let head = format!(
+                        "HTTP/1.1 413 Payload Too Large\r\nconnection: close\r\ncontent-length: {}\r\n\r\n",
+                        REFUSAL_BODY.len()
+                    );
+                    let _ = s.write_all(&[head.as_bytes(), REFUSAL_BODY].concat()).await;
+                    let _ = s.set_zero_linger();
+                }
+            });
+        }
+    });
+    addr
+}
+
+const REFUSAL_BODY: &[u8] = b"too big!";
+
+/// Reads from `s` until the end of a request head; false if the connection ends first.
+async fn read_head(s: &mut TcpStream) -> bool {
+    let mut buf = [0u8; 4096];
+    let mut got = Vec::new();
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    true
+}
+
+/// The app's answer reaches an HTTP/1.1 client whichever comes first in the proxy: its next
+/// write of the body, which the app's reset fails, or its read of the answer waiting before
+/// that reset. hyper's client alone gives up on the failed write (a 502).
+#[tokio::test]
+async fn an_answer_the_app_sent_before_resetting_an_upload_reaches_the_client() {
+    let p = ready_proxy(refusing_app().await, |c| c.health.path = None).await;
+    for i in 0..20 {
+        let (mut rd, mut wr) = TcpStream::connect(p.proxy_addr).await.unwrap().into_split();
+        let upload = tokio::spawn(async move {
+            let head = b"POST /upload HTTP/1.1\r\nhost: a\r\ncontent-length: 4194304\r\n\r\n";
+            let _ = wr.write_all(head).await;
+            // Refused part-way: the proxy may close before all of it is sent.
+            let _ = wr.write_all(&vec![b'x'; 4 << 20]).await;
+            wr
+        });
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !got.ends_with(REFUSAL_BODY) {
+            match tokio::time::timeout(Duration::from_secs(5), rd.read(&mut buf)).await.expect("an answer within 5 s") {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        let got = String::from_utf8_lossy(&got);
+        assert!(got.starts_with("HTTP/1.1 413 ") && got.ends_with("too big!"), "upload {i}: {got}");
+        upload.abort();
+    }
 }
 
 /// The hold is bounded: an upload that never ends does not keep the response open past
@@ -257,7 +347,7 @@ async fn an_http2_response_ends_only_after_the_request_body_the_app_still_reads(
 async fn a_held_http2_response_ends_at_its_bound_when_the_upload_does_not() {
     let app = app().await;
     let p = ready_proxy(app.addr, |_| {}).await;
-    let (_tx, res, _conn) = early_answer_while_uploading(&p).await;
+    let (_tx, res, _conn) = early_answer_while_uploading(&p, "/early", 200, b"early").await;
     let started = Instant::now();
     let bound = drainproxy::body::HOLD_END_MAX;
     let rest = tokio::time::timeout(bound + Duration::from_secs(3), res.collect()).await.expect("the hold ends");
@@ -309,13 +399,8 @@ async fn closing_app() -> std::net::SocketAddr {
         loop {
             let (mut s, _) = l.accept().await.unwrap();
             tokio::spawn(async move {
-                let mut buf = vec![0u8; 4096];
-                let mut got = Vec::new();
-                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => got.extend_from_slice(&buf[..n]),
-                    }
+                if !read_head(&mut s).await {
+                    return;
                 }
                 let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
                 let _ = s.shutdown().await;
