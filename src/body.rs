@@ -15,6 +15,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
 use bytes::Bytes;
+use http::StatusCode;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
@@ -189,15 +190,16 @@ enum Inner {
 /// An HTTP/2 request body that was still streaming when its request was forwarded.
 ///
 /// The app may answer in full before it has read the whole body (an upload it refuses, or does
-/// not need) and go on reading it, as nginx does. The body is still forwarded to its end, and
-/// the response to the client ends (`END_STREAM`) only once it has: a client still uploading
+/// not need) and go on reading it, as nginx does. The body is still forwarded to its end. A 2xx
+/// response to the client ends (`END_STREAM`) only once the body has: a client still uploading
 /// then learns that its exchange is over from a frame that arrives after its last one. curl
-/// 7.88 needs that frame, and waited for the connection's idle timeout without it.
+/// 7.88 needs that frame, and waited for the connection's idle timeout without it. Any other
+/// response ends at once and the body is read out behind it (see [`ResponseBody::upstream`]).
 ///
 /// When the forwarding stops before the body's end (the app answered and closed its connection
 /// without reading it all), the rest of the body is read and discarded instead: the client's
 /// stream then ends cleanly after its upload, where dropping it would reset the stream and
-/// make the client (curl 7.88: error 92) throw away the answer it has. Either wait is bounded
+/// make the client (curl 7.88: error 92) throw away the answer it has. Every wait is bounded
 /// by [`HOLD_END_MAX`].
 pub struct SharedBody(Mutex<Slot>);
 
@@ -269,6 +271,23 @@ impl SharedBody {
 
     fn is_done(&self) -> bool {
         matches!(self.lock().state, Forwarding::Done)
+    }
+
+    /// Keeps a body the client is still sending open after its response has ended without
+    /// waiting for it: forwarded while the app reads it, else read and discarded, until it
+    /// ends or for at most [`HOLD_END_MAX`]. Dropping it would reset the client's stream, and
+    /// h2 discards a reset stream's frames not yet written, the response's own among them.
+    fn read_out_in_background(self: Arc<Self>) {
+        if self.is_done() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        runtime.spawn(async move {
+            let read_out = std::future::poll_fn(|cx| self.poll_done(cx));
+            if tokio::time::timeout(HOLD_END_MAX, read_out).await.is_err() {
+                tracing::debug!("the request body was still arriving {HOLD_END_MAX:?} after its response; dropping it");
+            }
+        });
     }
 }
 
@@ -376,8 +395,10 @@ pub struct ResponseBody {
     kind: Kind,
     guard: Option<RequestGuard>,
     pooled: Option<Pooled>,
-    /// An HTTP/2 request body still being forwarded: the response ends only after it.
+    /// An HTTP/2 request body still being forwarded.
     request: Option<Arc<SharedBody>>,
+    /// The response ends only after `request` (a 2xx); else `request` is read out after it.
+    hold_end: bool,
     /// The app's body has ended; the end is held until `request` is done (bounded).
     held: Option<Pin<Box<tokio::time::Sleep>>>,
 }
@@ -385,16 +406,26 @@ pub struct ResponseBody {
 impl ResponseBody {
     pub fn full(data: Bytes) -> Self {
         let data = if data.is_empty() { None } else { Some(data) };
-        ResponseBody { kind: Kind::Full(data), guard: None, pooled: None, request: None, held: None }
+        ResponseBody { kind: Kind::Full(data), guard: None, pooled: None, request: None, hold_end: false, held: None }
     }
 
     pub fn empty() -> Self {
-        ResponseBody { kind: Kind::Full(None), guard: None, pooled: None, request: None, held: None }
+        ResponseBody { kind: Kind::Full(None), guard: None, pooled: None, request: None, hold_end: false, held: None }
     }
 
-    /// `request`: the request's body if it is an HTTP/2 one still being forwarded.
-    pub fn upstream(body: Incoming, pooled: Option<Pooled>, request: Option<Arc<SharedBody>>) -> Self {
-        ResponseBody { kind: Kind::Upstream(body), guard: None, pooled, request, held: None }
+    /// `request`: the request's body if it is an HTTP/2 one still being forwarded. A 2xx
+    /// response ends only after it; any other goes out whole at once, and the body is read out
+    /// behind it. A client that gets a 3xx or an error while still uploading stops there (curl
+    /// ends its stream early), so holding that response's end would only let the client's
+    /// early end (a malformed stream, reset by h2) overtake it.
+    pub fn upstream(
+        body: Incoming,
+        pooled: Option<Pooled>,
+        request: Option<Arc<SharedBody>>,
+        status: StatusCode,
+    ) -> Self {
+        let hold_end = status.is_success();
+        ResponseBody { kind: Kind::Upstream(body), guard: None, pooled, request, hold_end, held: None }
     }
 
     /// Attaches the in-flight guard; if the body is already complete (empty), the guard is
@@ -409,11 +440,14 @@ impl ResponseBody {
             p.release();
         }
         self.guard = None;
+        if let Some(request) = self.request.take() {
+            request.read_out_in_background();
+        }
     }
 
     /// The request body is still being forwarded, so the response must not end yet.
     fn request_open(&self) -> bool {
-        self.request.as_ref().is_some_and(|r| !r.is_done())
+        self.hold_end && self.request.as_ref().is_some_and(|r| !r.is_done())
     }
 
     /// Holds the end of a complete response until the request body is done, or for at most

@@ -261,7 +261,8 @@ fn into_client_response(
 ) -> Response<ResponseBody> {
     let (mut parts, body) = res.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    Response::from_parts(parts, ResponseBody::upstream(body, pooled, request_body))
+    let status = parts.status;
+    Response::from_parts(parts, ResponseBody::upstream(body, pooled, request_body, status))
 }
 
 /// The headers a proxy acts on, found in one pass over a header map: one comparison per

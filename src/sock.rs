@@ -11,15 +11,14 @@
 //! - **An answer the app sent before closing is read, not lost.** An app may answer a request
 //!   before reading its body (a 413, a 401, a 501) and close the connection. With the body
 //!   unread, its kernel resets the connection, and the proxy's next body write fails. hyper's
-//!   client gives up on a failed write, so the caller would get a 502 for a request the app
-//!   did answer. When a write fails that way and the app's bytes are waiting to be read, the
-//!   write is reported done and later writes are discarded until the answer has been read to
-//!   the connection's end: hyper goes on to read the answer. A reset with nothing to read is
-//!   still the error it was, so a pooled connection the app closed is still retried and a
-//!   crash is still a 502.
+//!   client gives up on a failed write, even with the answer already read into its buffer or
+//!   waiting in the socket, so the caller would get a 502 for a request the app did answer. A
+//!   write that fails with a reset is reported done instead, and later writes are discarded
+//!   until a read finds the connection's end: hyper goes on to read whatever the app sent. An
+//!   app that sent nothing fails the exchange at that read, as it would have at the write; once
+//!   the end has been read, writes fail as on any closed connection.
 
 use std::io;
-use std::os::fd::AsFd;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -30,36 +29,25 @@ use tracing::debug;
 /// The proxy's connection to the app.
 pub struct Sock {
     stream: TcpStream,
-    /// The app reset the connection after answering: writes are discarded.
+    /// The app reset the connection: writes are discarded until the read side ends.
     discarding: bool,
+    /// A read found the connection's end (or an error): nothing more will come from the app.
+    read_ended: bool,
 }
 
 impl Sock {
     pub fn new(stream: TcpStream) -> Sock {
-        Sock { stream, discarding: false }
+        Sock { stream, discarding: false, read_ended: false }
     }
 
-    /// Whether bytes the proxy has not read yet wait in the socket. Asked of the kernel, not of
-    /// tokio's readiness, which may not have seen them yet: the reset that failed the write may
-    /// be the first the runtime learns of this socket since hyper's last read. Through a
-    /// duplicate descriptor (`peek` needs a std socket; the duplicate shares the original's
-    /// non-blocking mode), on the rare failed-write path only.
-    fn unread_bytes_waiting(&self) -> bool {
-        let Ok(fd) = self.stream.as_fd().try_clone_to_owned() else { return false };
-        matches!(std::net::TcpStream::from(fd).peek(&mut [0]), Ok(n) if n > 0)
-    }
-
-    /// `written` as it is, unless it failed because the app reset the connection after
-    /// sending bytes still unread: then `len` (all of it) and discarding from now on.
+    /// `written` as it is, unless it failed because the app reset the connection before the
+    /// proxy read to the connection's end: then `len` (all of it), and discarding from now on.
     fn unless_answered(&mut self, written: Poll<io::Result<usize>>, len: usize) -> Poll<io::Result<usize>> {
         let Poll::Ready(Err(e)) = &written else { return written };
-        if !matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe) {
+        if self.read_ended || !matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe) {
             return written;
         }
-        if !self.unread_bytes_waiting() {
-            return written;
-        }
-        debug!(error = %e, "the app closed its connection after answering; discarding the rest of the request to read the answer");
+        debug!(error = %e, "the app reset its connection; discarding the rest of the request to read what the app sent before");
         self.discarding = true;
         Poll::Ready(Ok(len))
     }
@@ -83,9 +71,10 @@ impl AsyncRead for Sock {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let filled = buf.filled().len();
         let read = Pin::new(&mut self.stream).poll_read(cx, buf);
-        // The answer is read to its end: a write from now on (a new request on what hyper may
+        // Read to the connection's end: a write from now on (a new request on what hyper may
         // take for a reusable connection) must fail as a write to a closed connection does.
-        if self.discarding && matches!(&read, Poll::Ready(r) if r.is_err() || buf.filled().len() == filled) {
+        if matches!(&read, Poll::Ready(r) if r.is_err() || buf.filled().len() == filled) {
+            self.read_ended = true;
             self.discarding = false;
         }
         read
@@ -187,12 +176,14 @@ mod tests {
         assert!(sock.write(b"next request").await.is_err());
     }
 
-    /// A reset with nothing sent before it stays an error: a pooled connection the app closed
-    /// is retried, a crash is a 502.
+    /// A reset with nothing sent before it still fails the exchange: the read after the
+    /// discarded write finds the end at once, and the next write fails.
     #[tokio::test]
-    async fn a_write_the_app_reset_without_answering_fails() {
+    async fn a_reset_with_nothing_sent_ends_the_exchange_at_the_next_read() {
         let mut sock = reset_after(b"").await;
-        let error = sock.write(b"body").await.unwrap_err();
+        assert_eq!(sock.write(b"body").await.unwrap(), 4);
+        assert_eq!(read_all(&mut sock).await, b"");
+        let error = sock.write(b"more").await.unwrap_err();
         assert!(matches!(error.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe), "{error}");
     }
 }

@@ -266,17 +266,53 @@ async fn an_http2_response_ends_only_after_the_request_body_the_app_still_reads(
     assert_the_response_ends_after_the_upload(&p, "/early", 200, b"early").await;
 }
 
-/// The app answers and closes without reading the body: the proxy reads the rest of the
-/// upload itself (and discards it), where dropping it would reset the client's stream.
+/// The app answers 200 and closes without reading the body: the proxy reads the rest of the
+/// upload itself (and discards it) before the response ends, where dropping it would reset
+/// the client's stream.
 #[tokio::test]
-async fn an_http2_upload_the_app_refused_and_closed_on_is_read_to_its_end() {
-    let p = ready_proxy(refusing_app().await, |c| c.health.path = None).await;
-    assert_the_response_ends_after_the_upload(&p, "/upload", 413, REFUSAL_BODY).await;
+async fn an_http2_upload_the_app_answered_and_closed_on_is_read_to_its_end() {
+    let p = ready_proxy(refusing_app(200).await, |c| c.health.path = None).await;
+    assert_the_response_ends_after_the_upload(&p, "/upload", 200, REFUSAL_BODY).await;
 }
 
-/// An app that refuses every upload as soon as it has the request head: it answers 413 and
+/// An HTTP/2 client still uploading gets a complete non-2xx answer at once (curl stops
+/// uploading on one and ends its stream early, which must not overtake the answer), and what
+/// it goes on sending is read, not reset.
+async fn assert_the_response_ends_at_once_and_the_upload_is_read(
+    p: &drainproxy::app::Running,
+    path: &str,
+    status: u16,
+    answer: &[u8],
+) {
+    let (tx, res, _conn) = early_answer_while_uploading(p, path, status, answer).await;
+    let rest = tokio::time::timeout(Duration::from_secs(2), res.collect()).await.expect("the response ends at once");
+    assert!(rest.expect("the response ends without a reset").to_bytes().is_empty());
+    // A reset stream would drop the client's body, and a send would fail once the channel's
+    // four places are full.
+    for i in 0..12 {
+        let sent = tokio::time::timeout(Duration::from_secs(2), tx.send(Bytes::from(vec![b'c'; 16 * 1024]))).await;
+        assert!(matches!(sent, Ok(Ok(()))), "chunk {i} after the answer: {sent:?}");
+    }
+}
+
+/// The app answers 413 at once and reads the body afterwards.
+#[tokio::test]
+async fn an_http2_error_answer_while_uploading_ends_at_once_and_the_app_reads_the_rest() {
+    let app = app().await;
+    let p = ready_proxy(app.addr, |_| {}).await;
+    assert_the_response_ends_at_once_and_the_upload_is_read(&p, "/early?status=413", 413, b"early").await;
+}
+
+/// The app answers 413 and closes without reading the body: the proxy reads the rest.
+#[tokio::test]
+async fn an_http2_error_answer_while_uploading_ends_at_once_and_the_proxy_reads_the_rest() {
+    let p = ready_proxy(refusing_app(413).await, |c| c.health.path = None).await;
+    assert_the_response_ends_at_once_and_the_upload_is_read(&p, "/upload", 413, REFUSAL_BODY).await;
+}
+
+/// An app that answers every upload with `status` as soon as it has the request head, and
 /// closes without reading the body, so its kernel resets the connection.
-async fn refusing_app() -> std::net::SocketAddr {
+async fn refusing_app(status: u16) -> std::net::SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
@@ -285,7 +321,7 @@ async fn refusing_app() -> std::net::SocketAddr {
             tokio::spawn(async move {
                 if read_head(&mut s).await {
                     let head = format!(
-                        "HTTP/1.1 413 Payload Too Large\r\nconnection: close\r\ncontent-length: {}\r\n\r\n",
+                        "HTTP/1.1 {status} X\r\nconnection: close\r\ncontent-length: {}\r\n\r\n",
                         REFUSAL_BODY.len()
                     );
                     let _ = s.write_all(&[head.as_bytes(), REFUSAL_BODY].concat()).await;
@@ -317,7 +353,7 @@ async fn read_head(s: &mut TcpStream) -> bool {
 /// that reset. hyper's client alone gives up on the failed write (a 502).
 #[tokio::test]
 async fn an_answer_the_app_sent_before_resetting_an_upload_reaches_the_client() {
-    let p = ready_proxy(refusing_app().await, |c| c.health.path = None).await;
+    let p = ready_proxy(refusing_app(413).await, |c| c.health.path = None).await;
     for i in 0..20 {
         let (mut rd, mut wr) = TcpStream::connect(p.proxy_addr).await.unwrap().into_split();
         let upload = tokio::spawn(async move {

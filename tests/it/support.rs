@@ -142,8 +142,11 @@ async fn handle(mut req: Request<Incoming>, st: Arc<AppState>) -> Result<Respons
     if req.uri().path() == "/early" {
         // Answers at once and reads the request body afterwards, as nginx does with a
         // request it answers without needing the body.
+        let status = query(&req, "status").unwrap_or(200) as u16;
         tokio::spawn(req.into_body().collect());
-        return Ok(Response::new(full("early")));
+        let mut res = Response::new(full("early"));
+        *res.status_mut() = StatusCode::from_u16(status).unwrap();
+        return Ok(res);
     }
     let res = match req.uri().path() {
         "/healthz" if st.unhealthy.load(Ordering::SeqCst) => status(503),
