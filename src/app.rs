@@ -14,7 +14,7 @@ use crate::admin::Admin;
 use crate::body::Accounting;
 use crate::config::Config;
 use crate::cork::Releases;
-use crate::lifecycle::{self, Event, Exit, Lifecycle, Signal, State};
+use crate::lifecycle::{self, Event, Exit, Lifecycle, Signal, State, Warmup};
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::server::{self, ConnCtx, ProxyListener};
@@ -103,7 +103,13 @@ pub async fn start(cfg: Config, opts: StartOptions) -> anyhow::Result<Running> {
     if opts.signals {
         tasks.0.extend(spawn_signal_handlers(events_tx.clone())?);
     }
-    let life = Lifecycle::new(state_tx, events_rx, cfg.drain.clone(), activity.clone(), metrics.clone(), listener);
+    let warmup_target = crate::warmup::Target {
+        app: app_addr,
+        protocol: cfg.upstream.protocol,
+        connect_timeout: cfg.upstream.connect_timeout.0,
+    };
+    let life = Lifecycle::new(state_tx, events_rx, cfg.drain.clone(), activity.clone(), metrics.clone(), listener)
+        .with_warmup(Warmup::new(&cfg.warmup, warmup_target, &events_tx));
     let exit = tokio::spawn(life.run());
     info!(
         listen = %proxy_addr,

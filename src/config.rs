@@ -119,6 +119,7 @@ pub struct Config {
     pub runtime: RuntimeConfig,
     pub tls: Option<TlsConfig>,
     pub hooks: HooksConfig,
+    pub warmup: WarmupConfig,
     pub log: LogConfig,
 }
 
@@ -210,6 +211,44 @@ pub struct Hook {
 fn default_hook_method() -> String {
     "GET".into()
 }
+
+/// Requests sent to the app once it is healthy and before `/ready` turns 200 (DESIGN §5), so
+/// the app's first real traffic does not pay for its cold start (JIT, caches, pools).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WarmupConfig {
+    /// Sent in order, each `count` times; none means no warm-up.
+    pub requests: Vec<WarmupRequest>,
+    /// Bound on the whole warm-up: past it the proxy turns ready anyway, and says so.
+    pub timeout: Dur,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WarmupRequest {
+    #[serde(default = "default_hook_method")]
+    pub method: String,
+    pub path: String,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    #[serde(default)]
+    pub body: String,
+    #[serde(default = "default_warmup_count")]
+    pub count: u32,
+}
+
+fn default_warmup_count() -> u32 {
+    1
+}
+
+/// Most warm-up requests one configuration may ask for, in all.
+pub const WARMUP_MAX_REQUESTS: u64 = 100_000;
+
+impl Default for WarmupConfig {
+    fn default() -> Self {
+        WarmupConfig { requests: Vec::new(), timeout: Dur::secs(30) }
+    }
+}
 fn default_hook_timeout() -> Dur {
     Dur::secs(2)
 }
@@ -236,6 +275,7 @@ impl Default for Config {
             runtime: RuntimeConfig::default(),
             tls: None,
             hooks: HooksConfig::default(),
+            warmup: WarmupConfig::default(),
             log: LogConfig::default(),
         }
     }
@@ -335,6 +375,7 @@ pub const KEYS: &[&str] = &[
     "runtime.threads",
     "tls.cert",
     "tls.key",
+    "warmup.timeout",
     "log.format",
     "log.level",
     "log.access_log",
@@ -503,10 +544,11 @@ pub fn load(
             "runtime" => section(value, &mut cfg.runtime),
             "tls" => section(value, &mut cfg.tls),
             "hooks" => section(value, &mut cfg.hooks),
+            "warmup" => section(value, &mut cfg.warmup),
             "log" => section(value, &mut cfg.log),
             _ => vec![(
                 String::new(),
-                "unknown field; expected one of listen, admin, upstream, limits, health, drain, runtime, tls, hooks, log"
+                "unknown field; expected one of listen, admin, upstream, limits, health, drain, runtime, tls, hooks, warmup, log"
                     .to_string(),
             )],
         };
@@ -728,10 +770,55 @@ impl Config {
         if !self.hooks.on_ready.is_empty() || !self.hooks.on_drain.is_empty() {
             p.push(("hooks", "registry hooks are not implemented in this version; leave the lists empty".into()));
         }
+        self.validate_warmup(&mut p);
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             p.push(("log.level", format!("{:?} is not a valid level or filter (try info or debug)", self.log.level)));
         }
         p
+    }
+}
+
+impl Config {
+    fn validate_warmup(&self, p: &mut Vec<(&'static str, String)>) {
+        let w = &self.warmup;
+        if w.timeout.0.is_zero() {
+            p.push(("warmup.timeout", "must be greater than 0".into()));
+        }
+        let mut total = 0u64;
+        for (i, r) in w.requests.iter().enumerate() {
+            let n = i + 1;
+            if http::Method::from_bytes(r.method.as_bytes()).is_err() {
+                p.push(("warmup.requests", format!("request {n}: {:?} is not an HTTP method", r.method)));
+            }
+            if !r.path.starts_with('/') || r.path.parse::<http::uri::PathAndQuery>().is_err() {
+                p.push((
+                    "warmup.requests",
+                    format!("request {n}: path {:?} must be an absolute path such as /", r.path),
+                ));
+            }
+            for (name, value) in &r.headers {
+                if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                    p.push(("warmup.requests", format!("request {n}: {name:?} is not a header name")));
+                } else if http::HeaderValue::from_str(value).is_err() {
+                    p.push((
+                        "warmup.requests",
+                        format!("request {n}: the value of {name} is not a valid header value"),
+                    ));
+                }
+            }
+            if r.count == 0 {
+                p.push(("warmup.requests", format!("request {n}: count must be at least 1")));
+            }
+            total += u64::from(r.count);
+        }
+        if total > WARMUP_MAX_REQUESTS {
+            p.push((
+                "warmup.requests",
+                format!(
+                    "{total} requests in all; at most {WARMUP_MAX_REQUESTS}: a warm-up delays every pod's readiness"
+                ),
+            ));
+        }
     }
 }
 
@@ -746,6 +833,35 @@ mod tests {
         std::fs::write(&path, src).unwrap();
         let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
         load(Some(&path), env, &FlagOverrides::default())
+    }
+
+    #[test]
+    fn bad_warm_up_requests_are_each_reported() {
+        let src = r#"
+warmup:
+  timeout: 0s
+  requests:
+    - { method: "G T", path: /ok }
+    - { path: relative }
+    - { path: /h, headers: { "bad name": x } }
+    - { path: /c, count: 0 }
+    - { path: /many, count: 100001 }
+"#;
+        let err = load_str(src, &[]).unwrap_err();
+        let text = err.to_string();
+        for needle in [
+            "warmup.timeout: must be greater than 0",
+            "request 1: \"G T\" is not an HTTP method",
+            "request 2: path \"relative\" must be an absolute path",
+            "request 3: \"bad name\" is not a header name",
+            "request 4: count must be at least 1",
+            "100004 requests in all",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+        }
+        assert_eq!(err.problems.len(), 6, "{text}");
+        let ok = load_str("warmup:\n  requests:\n    - { path: /, count: 3 }\n", &[]).unwrap();
+        assert_eq!((ok.warmup.requests[0].method.as_str(), ok.warmup.requests[0].count), ("GET", 3));
     }
 
     #[test]

@@ -20,3 +20,4 @@ pub mod proxy;
 pub mod server;
 pub mod sock;
 pub mod upstream;
+pub mod warmup;

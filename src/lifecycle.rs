@@ -14,9 +14,10 @@ use tokio::time::sleep_until;
 use tracing::{info, warn};
 
 use crate::activity::Activity;
-use crate::config::DrainConfig;
+use crate::config::{DrainConfig, WarmupConfig};
 use crate::metrics::Metrics;
 use crate::server::ProxyListener;
+use crate::warmup;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -135,6 +136,11 @@ pub enum Event {
     Health(HealthReport),
     Drain(Trigger),
     Signal(Signal),
+    /// The warm-up with number `n` has ended: every request sent, or cut at `warmup.timeout`.
+    WarmedUp {
+        n: u64,
+        complete: bool,
+    },
 }
 
 /// How the process should end.
@@ -155,6 +161,69 @@ pub struct Lifecycle {
     listener: ProxyListener,
     /// A stop signal (SIGTERM/SIGINT) arrived: once released, exit; never resume.
     stop_requested: bool,
+    warmup: Option<Warmup>,
+}
+
+/// The app warm-up (DESIGN §5) the lifecycle runs before it turns ready.
+pub struct Warmup {
+    cfg: Arc<WarmupConfig>,
+    target: warmup::Target,
+    /// Weak: the lifecycle must still see every other sender go.
+    events: mpsc::WeakSender<Event>,
+    /// The app instance has been warmed up (until it restarts).
+    done: bool,
+    /// The warm-up running now: its number and its task.
+    running: Option<(u64, tokio::task::AbortHandle)>,
+    started: u64,
+}
+
+impl Warmup {
+    /// `None` when no warm-up request is configured.
+    pub fn new(cfg: &WarmupConfig, target: warmup::Target, events: &mpsc::Sender<Event>) -> Option<Self> {
+        (!cfg.requests.is_empty()).then(|| Warmup {
+            cfg: Arc::new(cfg.clone()),
+            target,
+            events: events.downgrade(),
+            done: false,
+            running: None,
+            started: 0,
+        })
+    }
+
+    /// Starts a warm-up unless one is running; the lifecycle hears of its end as
+    /// [`Event::WarmedUp`].
+    fn start(&mut self, metrics: &Arc<Metrics>) {
+        if self.running.is_some() {
+            return;
+        }
+        let Some(events) = self.events.upgrade() else { return };
+        self.started += 1;
+        let n = self.started;
+        let (cfg, target, metrics) = (self.cfg.clone(), self.target.clone(), metrics.clone());
+        let task = tokio::spawn(async move {
+            let complete = !warmup::run(&cfg, &target, &metrics).await.timed_out;
+            let _ = events.send(Event::WarmedUp { n, complete }).await;
+        });
+        self.running = Some((n, task.abort_handle()));
+    }
+
+    /// Stops a running warm-up; it starts over when next asked.
+    fn stop(&mut self, why: &str) {
+        if let Some((_, task)) = self.running.take() {
+            task.abort();
+            info!(why, "warm-up stopped");
+        }
+    }
+
+    /// Whether `n` is the running warm-up, which is then over and the app warm.
+    fn finished(&mut self, n: u64) -> bool {
+        if self.running.as_ref().is_some_and(|(r, _)| *r == n) {
+            self.running = None;
+            self.done = true;
+            return true;
+        }
+        false
+    }
 }
 
 /// Creates the state channel, readable by everyone, before the owner is built.
@@ -172,7 +241,25 @@ impl Lifecycle {
         listener: ProxyListener,
     ) -> Self {
         metrics.set_phase(Phase::Starting);
-        Lifecycle { tx, events, cfg, activity, metrics, listener, stop_requested: false }
+        Lifecycle { tx, events, cfg, activity, metrics, listener, stop_requested: false, warmup: None }
+    }
+
+    /// Warms the app up before every turn to ready from `starting` (see [`Warmup`]).
+    pub fn with_warmup(mut self, warmup: Option<Warmup>) -> Self {
+        self.warmup = warmup;
+        self
+    }
+
+    /// The app passed its health check in `starting`, `unhealthy` or on resume: ready now,
+    /// or once a warm-up of this app instance has run.
+    fn app_ready(&mut self, reason: &'static str) {
+        match &mut self.warmup {
+            Some(w) if !w.done => {
+                w.start(&self.metrics);
+                self.set_phase(Phase::Starting, "app healthy; warming it up");
+            }
+            _ => self.set_phase(Phase::Ready, reason),
+        }
     }
 
     fn phase(&self) -> Phase {
@@ -216,7 +303,12 @@ impl Lifecycle {
                         self.set_health(v);
                     }
                     match (phase, report.verdict) {
-                        (Phase::Starting | Phase::Unhealthy, Some(true)) => self.set_phase(Phase::Ready, "app healthy"),
+                        (Phase::Starting | Phase::Unhealthy, Some(true)) => self.app_ready("app healthy"),
+                        (Phase::Starting, Some(false)) => {
+                            if let Some(w) = &mut self.warmup {
+                                w.stop("the app failed its health check");
+                            }
+                        }
                         (Phase::Ready, Some(false)) => self.set_phase(Phase::Unhealthy, "app health check failing"),
                         // Any failed probe after release counts: a quick container restart
                         // may never reach unhealthy_threshold.
@@ -229,7 +321,11 @@ impl Lifecycle {
                                         s.close_idle = false;
                                         s.force_close = false;
                                     });
-                                    self.set_phase(Phase::Ready, "app restarted and healthy: resumed");
+                                    // A restarted app is cold again.
+                                    if let Some(w) = &mut self.warmup {
+                                        w.done = false;
+                                    }
+                                    self.app_ready("app restarted and healthy: resumed");
                                 }
                                 Err(error) => {
                                     warn!(%error, "cannot reopen the listener to resume; will retry on the next health probe");
@@ -246,6 +342,17 @@ impl Lifecycle {
                         return exit;
                     } else {
                         app_went_down = false;
+                    }
+                }
+                Event::WarmedUp { n, complete } => {
+                    let finished = self.warmup.as_mut().is_some_and(|w| w.finished(n));
+                    if finished && phase == Phase::Starting && self.tx.borrow().app_healthy == Some(true) {
+                        let reason = if complete {
+                            "app healthy and warmed up"
+                        } else {
+                            "app healthy; warm-up cut at its timeout"
+                        };
+                        self.set_phase(Phase::Ready, reason);
                     }
                 }
                 Event::Signal(Signal::Quit) => return self.quit(),
@@ -295,6 +402,9 @@ impl Lifecycle {
     /// Runs one drain to release (DESIGN §4.2). Returns `Some` when the process must exit
     /// before the drain finished (SIGQUIT), else `None` once released.
     async fn drain(&mut self, trigger: Trigger) -> Option<Exit> {
+        if let Some(w) = &mut self.warmup {
+            w.stop("a drain started");
+        }
         let t0 = Instant::now();
         let min_deadline = t0 + self.cfg.min_delay.0;
         let max_deadline = t0 + self.cfg.max_duration.0;
@@ -362,7 +472,8 @@ impl Lifecycle {
                         info!(signal = ?sig, "stop signal during drain: will exit after release");
                         self.stop_requested = true;
                     }
-                    None => {}
+                    // Stopped when the drain started; a late report changes nothing.
+                    Some(Event::WarmedUp { .. }) | None => {}
                 },
             }
         };

@@ -45,7 +45,12 @@ pub struct Metrics {
     connections_closed: [IntCounter; 3],
     pub app_healthy: IntGauge,
     pub connect_resends: IntCounter,
+    /// `[2xx, other status, no answer]`, see [`WARMUP_OUTCOMES`].
+    pub warmup_requests: [IntCounter; 3],
 }
+
+/// The `outcome` label of `drainproxy_warmup_requests_total`.
+pub const WARMUP_OUTCOMES: [&str; 3] = ["2xx", "other_status", "no_answer"];
 
 impl Metrics {
     pub fn new() -> Self {
@@ -130,6 +135,13 @@ impl Metrics {
         )?;
         reg(Box::new(connect_resends.clone()))?;
 
+        let warmup_vec = IntCounterVec::new(
+            Opts::new("warmup_requests_total", "Warm-up requests sent to the app before readiness, by outcome"),
+            &["outcome"],
+        )?;
+        reg(Box::new(warmup_vec.clone()))?;
+        let warmup_requests = WARMUP_OUTCOMES.map(|o| warmup_vec.with_label_values(&[o]));
+
         let build = IntGaugeVec::new(Opts::new("build_info", "Build information"), &["version"])?;
         reg(Box::new(build.clone()))?;
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
@@ -150,6 +162,7 @@ impl Metrics {
             connections_closed,
             app_healthy,
             connect_resends,
+            warmup_requests,
         })
     }
 

@@ -8,3 +8,4 @@ mod inject;
 mod peers;
 mod proxy;
 mod support;
+mod warmup;
