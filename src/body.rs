@@ -522,5 +522,10 @@ impl Drop for ResponseBody {
         if self.pooled.is_some() && self.is_end_stream() {
             self.finish();
         }
+        // Never polled (a non-2xx answer without a body) or dropped by a client that left:
+        // a request body still arriving is read out rather than reset.
+        if let Some(request) = self.request.take() {
+            request.read_out_in_background();
+        }
     }
 }

@@ -69,11 +69,11 @@ pub fn write_vectored(
 
 impl AsyncRead for Sock {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let filled = buf.filled().len();
+        let (filled, room) = (buf.filled().len(), buf.remaining() > 0);
         let read = Pin::new(&mut self.stream).poll_read(cx, buf);
         // Read to the connection's end: a write from now on (a new request on what hyper may
         // take for a reusable connection) must fail as a write to a closed connection does.
-        if matches!(&read, Poll::Ready(r) if r.is_err() || buf.filled().len() == filled) {
+        if matches!(&read, Poll::Ready(r) if r.is_err() || (room && buf.filled().len() == filled)) {
             self.read_ended = true;
             self.discarding = false;
         }
