@@ -336,8 +336,22 @@ impl Seen {
         self.bits & bit != 0
     }
 
+    /// An upgrade to tunnel to the app: `Upgrade` named in `Connection`, to a protocol other
+    /// than `h2c`. The HTTP/1.1 upgrade to cleartext HTTP/2 (RFC 9113 §3.1 deprecated it) is
+    /// ignored, as a server without it must: its headers are hop-by-hop and the request goes on
+    /// as HTTP/1.1. Tunnelled, an app that accepts it (Tomcat, Jetty, Go's h2c handler, with
+    /// Java's HttpClient sending it by default) would speak HTTP/2 to the client past the
+    /// proxy: no GOAWAY at a drain, no request count, and a tunnel held open until
+    /// `max_duration`. Clients that want HTTP/2 get it with prior knowledge.
     fn is_upgrade_request(&self, h: &HeaderMap) -> bool {
-        self.has(Self::UPGRADE) && self.has(Self::CONNECTION) && has_token(h, &header::CONNECTION, "upgrade")
+        self.has(Self::UPGRADE)
+            && self.has(Self::CONNECTION)
+            && has_token(h, &header::CONNECTION, "upgrade")
+            && h.get_all(header::UPGRADE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .any(|p| !p.trim().eq_ignore_ascii_case("h2c"))
     }
 
     /// Removes the hop-by-hop headers of RFC 9110 §7.6.1 from `h` (the map this was scanned
@@ -472,6 +486,16 @@ mod tests {
         h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         assert!(!Seen::scan(&h).is_upgrade_request(&h));
         h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, Upgrade"));
+        assert!(Seen::scan(&h).is_upgrade_request(&h));
+    }
+
+    #[test]
+    fn an_upgrade_to_h2c_alone_is_not_tunnelled() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade, HTTP2-Settings"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
+        assert!(!Seen::scan(&h).is_upgrade_request(&h));
+        h.insert(header::UPGRADE, HeaderValue::from_static("h2c, websocket"));
         assert!(Seen::scan(&h).is_upgrade_request(&h));
     }
 

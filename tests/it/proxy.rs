@@ -31,6 +31,31 @@ async fn forwards_keeping_host_and_appending_forwarded_headers() {
     assert_eq!(h["x-forwarded-host"], "shop.example");
 }
 
+/// Java's HttpClient (by default) and `curl --http2` ask to upgrade cleartext HTTP/1.1 to
+/// HTTP/2. The proxy ignores it, as RFC 9113 §3.1 lets a server: the request goes on as
+/// HTTP/1.1, and the app never sees the upgrade, which it could accept and turn into an HTTP/2
+/// tunnel that the drain cannot tell to leave.
+#[tokio::test]
+async fn an_upgrade_to_h2c_is_ignored_and_never_reaches_the_app() {
+    let app = app().await;
+    let p = ready_proxy(app.addr, |_| {}).await;
+    let mut c = h1(p.proxy_addr).await;
+    let req = Request::get("/x")
+        .header("host", "a")
+        .header("connection", "Upgrade, HTTP2-Settings")
+        .header("upgrade", "h2c")
+        .header("http2-settings", "AAMAAABkAAQCAAAAAAIAAAAA")
+        .body(full(Bytes::new()))
+        .unwrap();
+    let r = c.send(req).await;
+    assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "ok"));
+    let h = app.state.last_headers.lock().unwrap().clone();
+    for name in ["upgrade", "http2-settings", "connection"] {
+        assert!(!h.contains_key(name), "the app got {name}: {h:?}");
+    }
+    assert_eq!(c.get("/x").await.status, 200, "the connection goes on as HTTP/1.1");
+}
+
 #[tokio::test]
 async fn headers_named_in_connection_do_not_reach_the_app() {
     let app = app().await;
