@@ -31,6 +31,10 @@ pub enum ProxyError {
     Upstream(#[source] hyper::Error),
     #[error("the app did not answer within upstream.request_timeout")]
     Timeout,
+    /// A method a reverse proxy for one app has no use for: CONNECT asks for a tunnel to an
+    /// arbitrary host. Answered 501, never forwarded, never worth a retry elsewhere.
+    #[error("CONNECT is not supported: drainproxy is a reverse proxy in front of one app")]
+    ConnectMethod,
 }
 
 /// Why a request got a retry hint instead of being forwarded (`drainproxy_retry_hints_total`).
@@ -92,7 +96,7 @@ impl ProxyError {
             Self::Connect(_) => Some(RetryReason::ConnectError),
             Self::NotSent(_) => Some(RetryReason::NotSent),
             Self::Released => Some(RetryReason::Released),
-            Self::Upstream(_) | Self::Timeout => None,
+            Self::Upstream(_) | Self::Timeout | Self::ConnectMethod => None,
         }
     }
 
@@ -104,7 +108,7 @@ impl ProxyError {
             Self::NotSent(_) => UpstreamErrorKind::NotSent,
             Self::Upstream(_) => UpstreamErrorKind::Response,
             Self::Timeout => UpstreamErrorKind::Timeout,
-            Self::Released => return None,
+            Self::Released | Self::ConnectMethod => return None,
         })
     }
 
@@ -112,6 +116,7 @@ impl ProxyError {
         match self {
             _ if self.retry_reason().is_some() => StatusCode::SERVICE_UNAVAILABLE,
             Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::ConnectMethod => StatusCode::NOT_IMPLEMENTED,
             _ => StatusCode::BAD_GATEWAY,
         }
     }

@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme, Uri};
-use http::{Request, Response, StatusCode, Version};
+use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
@@ -98,6 +98,8 @@ impl ProxyService {
         let result = if phase == Phase::Drained {
             // Released: the app may be stopping now. Not forwarding is the safe answer.
             Err(ProxyError::Released)
+        } else if req.method() == Method::CONNECT {
+            Err(ProxyError::ConnectMethod)
         } else {
             self.prepare(&mut req, upgrade, seen);
             if upgrade {
@@ -124,6 +126,7 @@ impl ProxyService {
                     ProxyError::Released => {
                         debug!(peer = %self.peer, "request after release answered with a retry hint")
                     }
+                    ProxyError::ConnectMethod => debug!(peer = %self.peer, "CONNECT refused"),
                     _ => {
                         warn!(error = %error, cause = ?std::error::Error::source(&error).map(|s| s.to_string()), peer = %self.peer, status = error.status().as_u16(), "upstream request failed")
                     }

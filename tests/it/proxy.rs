@@ -56,6 +56,30 @@ async fn an_upgrade_to_h2c_is_ignored_and_never_reaches_the_app() {
     assert_eq!(c.get("/x").await.status, 200, "the connection goes on as HTTP/1.1");
 }
 
+/// CONNECT asks a forward proxy for a tunnel; drainproxy is a reverse proxy for one app. It is
+/// answered 501 at once, without a retry hint (another pod would say the same), and never
+/// reaches the app; the connection serves the next request.
+#[tokio::test]
+async fn connect_is_answered_501_and_never_reaches_the_app() {
+    let app = app().await;
+    let p = ready_proxy(app.addr, |_| {}).await;
+    let mut s = TcpStream::connect(p.proxy_addr).await.unwrap();
+    s.write_all(b"CONNECT example.com:443 HTTP/1.1\r\nhost: example.com:443\r\n\r\nGET / HTTP/1.1\r\nhost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.ends_with(b"\r\n\r\nok") {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.unwrap().unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    let got = String::from_utf8_lossy(&got);
+    assert!(got.starts_with("HTTP/1.1 501 "), "{got}");
+    assert!(!got.to_ascii_lowercase().contains("retry-after"), "{got}");
+    assert_eq!(app.state.requests.load(std::sync::atomic::Ordering::SeqCst), 1, "only the GET reached the app");
+}
+
 #[tokio::test]
 async fn headers_named_in_connection_do_not_reach_the_app() {
     let app = app().await;
