@@ -76,6 +76,20 @@ pub async fn app_on(addr: SocketAddr, state: Arc<AppState>) -> App {
     serve_app(bind_retry(addr).await, state)
 }
 
+/// The app's container restarts: it goes away until `p`'s health check has seen it down, then
+/// comes back on the same port with the same state.
+pub async fn restart_app(p: &Running, app: App) -> App {
+    let (addr, state) = (app.addr, app.state.clone());
+    app.kill();
+    drop(app);
+    let mut rx = p.state.clone();
+    tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|s| s.app_healthy == Some(false)))
+        .await
+        .expect("health check saw the app go down")
+        .unwrap();
+    app_on(addr, state).await
+}
+
 /// The test app, serving connections from `listener` (and those already queued on it).
 pub fn serve_app(listener: TcpListener, state: Arc<AppState>) -> App {
     let addr = listener.local_addr().unwrap();

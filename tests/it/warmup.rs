@@ -2,11 +2,9 @@
 //! 200, bounded, and again after the app restarts. Held requests are released with explicit
 //! signals.
 
-use std::sync::atomic::Ordering;
-use std::time::Duration;
-
 use drainproxy::config::{Config, Dur, WarmupRequest};
 use drainproxy::lifecycle::{Event, Phase, Trigger};
+use std::sync::atomic::Ordering;
 
 use crate::support::*;
 
@@ -88,21 +86,13 @@ async fn a_drain_during_the_warm_up_stops_it() {
 #[tokio::test]
 async fn a_restarted_app_is_warmed_up_again_before_the_proxy_resumes() {
     let app = app().await;
-    let (addr, state) = (app.addr, app.state.clone());
-    let p = proxy(addr, |c| warm_up_with(c, &[("/hold", 1)])).await;
-    app.state.hold.started.notified().await;
-    app.state.hold.release.notify_one();
+    let state = app.state.clone();
+    let p = proxy(app.addr, |c| warm_up_with(c, &[("/hold", 1)])).await;
+    state.hold.started.notified().await;
+    state.hold.release.notify_one();
     wait_phase(&p, Phase::Ready).await;
     assert_eq!(get(p.admin_addr, "/drain").await.status, 200);
-    // The container restarts: the app goes away, then comes back on the same port.
-    app.kill();
-    drop(app);
-    let mut rx = p.state.clone();
-    tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|s| s.app_healthy == Some(false)))
-        .await
-        .expect("health check saw the app go down")
-        .unwrap();
-    let _app2 = app_on(addr, state.clone()).await;
+    let _app = restart_app(&p, app).await;
     state.hold.started.notified().await;
     assert_eq!(p.state.borrow().phase, Phase::Starting, "not ready before the new app is warm");
     assert_eq!(get(p.admin_addr, "/ready").await.status, 503);
