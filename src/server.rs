@@ -4,7 +4,8 @@
 //!
 //! How a connection is told to leave (DESIGN §4.2):
 //! - HTTP/2: a graceful two-phase GOAWAY from t=0 (hyper/h2 send GOAWAY with the maximum
-//!   stream id, then the real last id after a PING round trip, so no stream is refused).
+//!   stream id, then the real last id once the client acknowledges a PING, which `goaway.rs`
+//!   delays by `GOAWAY_GRACE`, so no stream the client opened meanwhile is refused).
 //! - HTTP/1.1: every response from t=0 carries `Connection: close` (`proxy.rs`); connections
 //!   that stay idle are closed only at `min_delay`. Closing them earlier would race a caller
 //!   that has not yet seen the endpoint removal and just picked that connection.
@@ -29,6 +30,7 @@ use tracing::{debug, info, warn, Instrument};
 use crate::body::ConnState;
 use crate::config::LimitsConfig;
 use crate::cork::{Corked, Releases};
+use crate::goaway::{Grace, GraceRead};
 use crate::metrics::CloseHow;
 use crate::proxy::{Proxy, ProxyService};
 
@@ -214,9 +216,11 @@ async fn serve_proxy_conn(
         // Boxed: an HTTP/2 connection's state is twice an HTTP/1.1 one's, and every task is
         // as large as its largest branch (idle HTTP/1.1 connections are the many).
         Box::pin(async {
-            let conn = ctx.h2.serve_connection(TokioIo::new(Corked::new(io, ctx.releases.clone())), svc);
+            let grace = Arc::new(Grace::default());
+            let io = Corked::new(GraceRead::new(io, grace.clone()), ctx.releases.clone());
+            let conn = ctx.h2.serve_connection(TokioIo::new(io), svc);
             tokio::pin!(conn);
-            drive(conn, true, 0, &conn_state, &ctx).await
+            drive(conn, Some(&grace), 0, &conn_state, &ctx).await
         })
         .await;
         return;
@@ -227,7 +231,7 @@ async fn serve_proxy_conn(
     loop {
         let served_before = conn_state.served();
         let mut conn = ctx.h1.serve_connection(TokioIo::new(io), svc).with_upgrades();
-        if drive(Pin::new(&mut conn), false, served_before, &conn_state, &ctx).await == Ended::Done {
+        if drive(Pin::new(&mut conn), None, served_before, &conn_state, &ctx).await == Ended::Done {
             return;
         }
         // Parked: hyper is done with the connection, which stays open without its buffers.
@@ -283,7 +287,7 @@ impl Graceful for http1::UpgradeableConnection<TokioIo<Prefixed>, ProxyService> 
     }
 }
 
-impl Graceful for http2::Connection<TokioIo<Corked<Prefixed>>, ProxyService, TokioExecutor> {
+impl Graceful for http2::Connection<TokioIo<Corked<GraceRead<Prefixed>>>, ProxyService, TokioExecutor> {
     fn graceful(self: Pin<&mut Self>) {
         self.graceful_shutdown();
     }
@@ -309,11 +313,13 @@ enum Ended {
 /// most one of those late.
 async fn drive<C: Graceful>(
     mut conn: Pin<&mut C>,
-    h2: bool,
+    // HTTP/2 only: the grace its GOAWAY leaves clients (`goaway.rs`).
+    grace: Option<&Grace>,
     served_before: u32,
     conn_state: &ConnState,
     ctx: &ConnCtx,
 ) -> Ended {
+    let h2 = grace.is_some();
     let idle_timeout = ctx.idle_timeout;
     let head_timeout = ctx.header_read_timeout;
     let recheck = if h2 { idle_timeout.min(PARK_AFTER) } else { idle_timeout.min(PARK_AFTER).min(head_timeout) };
@@ -348,7 +354,8 @@ async fn drive<C: Graceful>(
                     let s = state.borrow_and_update();
                     (s.phase.is_draining(), s.close_idle)
                 };
-                if h2 && draining {
+                if let (Some(grace), true) = (grace, draining) {
+                    grace.start();
                     conn.as_mut().graceful();
                     ctx.proxy.acct.metrics.connection_closed(CloseHow::Goaway);
                     debug!("drain: GOAWAY sent");
@@ -557,7 +564,8 @@ mod tests {
         let proxy = Arc::new(Proxy::new(acct, state, upstream, Duration::from_secs(1), false));
         let ctx = Arc::new(ConnCtx::new(proxy, &cfg.limits, Arc::default()));
         let task = std::mem::size_of_val(&serve_proxy_conn(ctx, stream, addr, None));
-        let h2 = std::mem::size_of::<http2::Connection<TokioIo<Corked<Prefixed>>, ProxyService, TokioExecutor>>();
+        let h2 =
+            std::mem::size_of::<http2::Connection<TokioIo<Corked<GraceRead<Prefixed>>>, ProxyService, TokioExecutor>>();
         assert!(task < h2 + 1024, "connection task {task} bytes (an HTTP/2 connection alone is {h2})");
     }
 }

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use drainproxy::config::Dur;
 use drainproxy::lifecycle::{Event, Phase, Trigger};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::support::*;
@@ -353,4 +354,98 @@ async fn a_connection_opened_after_min_delay_still_gets_its_request_forwarded() 
     assert_eq!(metric(&m, "drainproxy_drain_connections_closed_total", &[("how", "idle_close")]), 0.0);
     app.state.hold.release.notify_one();
     held.await.unwrap();
+}
+
+/// A bare HTTP/2 client, frame by frame, to be the client that races a GOAWAY.
+struct RawH2 {
+    s: TcpStream,
+    buf: Vec<u8>,
+}
+
+/// One frame: type, flags, stream id, payload.
+struct Frame(u8, u8, u32, Vec<u8>);
+
+const SETTINGS: u8 = 0x4;
+const PING: u8 = 0x6;
+const GOAWAY: u8 = 0x7;
+const HEADERS: u8 = 0x1;
+const RST_STREAM: u8 = 0x3;
+
+impl RawH2 {
+    async fn connect(addr: std::net::SocketAddr) -> Self {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
+        let mut c = RawH2 { s, buf: Vec::new() };
+        c.send(SETTINGS, 0, 0, &[]).await;
+        c
+    }
+
+    async fn send(&mut self, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
+        let len = (payload.len() as u32).to_be_bytes();
+        let frame = [&[len[1], len[2], len[3], kind, flags][..], &stream.to_be_bytes(), payload].concat();
+        self.s.write_all(&frame).await.unwrap();
+    }
+
+    async fn next(&mut self) -> Frame {
+        loop {
+            if self.buf.len() >= 9 {
+                let len = u32::from_be_bytes([0, self.buf[0], self.buf[1], self.buf[2]]) as usize;
+                if self.buf.len() >= 9 + len {
+                    let f: Vec<u8> = self.buf.drain(..9 + len).collect();
+                    let stream = u32::from_be_bytes([f[5], f[6], f[7], f[8]]) & 0x7fff_ffff;
+                    return Frame(f[3], f[4], stream, f[9..].to_vec());
+                }
+            }
+            let mut chunk = [0u8; 4096];
+            let n = tokio::time::timeout(Duration::from_secs(5), self.s.read(&mut chunk))
+                .await
+                .expect("a frame within 5 s")
+                .unwrap();
+            assert!(n > 0, "the proxy closed the connection");
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+}
+
+/// A client that opens a stream right after it acknowledged the GOAWAY's PING (a stream it
+/// queued before reading the GOAWAY) has it served, not refused: the final GOAWAY waits
+/// `GOAWAY_GRACE`, not one round trip, and names that stream.
+#[tokio::test]
+async fn a_stream_opened_just_after_the_goaway_ping_is_served() {
+    let app = app().await;
+    let p = ready_proxy(app.addr, |c| c.drain.min_delay = Dur::secs(2)).await;
+    let mut c = RawH2::connect(p.proxy_addr).await;
+    loop {
+        let Frame(kind, flags, ..) = c.next().await;
+        if kind == SETTINGS && flags & 1 == 0 {
+            c.send(SETTINGS, 1, 0, &[]).await;
+            break;
+        }
+    }
+    start_drain(&p).await;
+    let ping = loop {
+        let Frame(kind, flags, _, payload) = c.next().await;
+        if kind == PING && flags & 1 == 0 {
+            break payload;
+        }
+    };
+    c.send(PING, 1, 0, &ping).await;
+    // GET / with :authority a, from HPACK's static table; END_STREAM | END_HEADERS.
+    c.send(HEADERS, 0x5, 1, &[0x82, 0x86, 0x84, 0x01, 0x01, b'a']).await;
+    let (mut answered, mut last) = (false, None);
+    while !answered || last.is_none() {
+        let Frame(kind, _, stream, payload) = c.next().await;
+        match kind {
+            HEADERS if stream == 1 => answered = true,
+            RST_STREAM if stream == 1 => panic!("stream 1 was reset: {payload:?}"),
+            GOAWAY => {
+                let id = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]) & 0x7fff_ffff;
+                if id != 0x7fff_ffff {
+                    last = Some(id);
+                }
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(last, Some(1), "the final GOAWAY names the stream opened after the PING");
 }
