@@ -14,6 +14,7 @@ use crate::admin::Admin;
 use crate::body::Accounting;
 use crate::config::Config;
 use crate::cork::Releases;
+use crate::hooks::Hooks;
 use crate::lifecycle::{self, Event, Exit, Lifecycle, Signal, State, Warmup};
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
@@ -64,6 +65,8 @@ pub async fn start(cfg: Config, opts: StartOptions) -> anyhow::Result<Running> {
         .with_context(|| format!("cannot resolve upstream.address {:?}", cfg.upstream.address))?
         .next()
         .with_context(|| format!("upstream.address {:?} resolves to nothing", cfg.upstream.address))?;
+    // Templates are filled in before anything is bound: a missing variable stops start-up.
+    let hooks = Hooks::prepare(&cfg.hooks, |name| std::env::var(name).ok()).map_err(anyhow::Error::msg)?;
     let proxy_listener =
         server::bind(cfg.listen).with_context(|| format!("cannot bind listen address {}", cfg.listen))?;
     let admin_listener = server::bind(cfg.admin).with_context(|| format!("cannot bind admin address {}", cfg.admin))?;
@@ -109,7 +112,8 @@ pub async fn start(cfg: Config, opts: StartOptions) -> anyhow::Result<Running> {
         connect_timeout: cfg.upstream.connect_timeout.0,
     };
     let life = Lifecycle::new(state_tx, events_rx, cfg.drain.clone(), activity.clone(), metrics.clone(), listener)
-        .with_warmup(Warmup::new(&cfg.warmup, warmup_target, &events_tx));
+        .with_warmup(Warmup::new(&cfg.warmup, warmup_target, &events_tx))
+        .with_hooks(hooks);
     let exit = tokio::spawn(life.run());
     info!(
         listen = %proxy_addr,

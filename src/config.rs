@@ -767,9 +767,7 @@ impl Config {
                 "TLS termination is not implemented in this version; terminate TLS in front of drainproxy".into(),
             ));
         }
-        if !self.hooks.on_ready.is_empty() || !self.hooks.on_drain.is_empty() {
-            p.push(("hooks", "registry hooks are not implemented in this version; leave the lists empty".into()));
-        }
+        self.validate_hooks(&mut p);
         self.validate_warmup(&mut p);
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             p.push(("log.level", format!("{:?} is not a valid level or filter (try info or debug)", self.log.level)));
@@ -779,6 +777,34 @@ impl Config {
 }
 
 impl Config {
+    /// What can be checked before `${NAME}` templates are filled in at start-up.
+    fn validate_hooks(&self, p: &mut Vec<(&'static str, String)>) {
+        for (field, list) in [("hooks.on_ready", &self.hooks.on_ready), ("hooks.on_drain", &self.hooks.on_drain)] {
+            for (i, h) in list.iter().enumerate() {
+                let n = i + 1;
+                if http::Method::from_bytes(h.method.as_bytes()).is_err() {
+                    p.push((field, format!("hook {n}: {:?} is not an HTTP method", h.method)));
+                }
+                let scheme = h.url.split_once("://").map(|(s, _)| s.to_ascii_lowercase());
+                match scheme.as_deref() {
+                    Some("http") => {}
+                    Some("https") => {
+                        p.push((field, format!("hook {n}: https is not supported (no TLS client); use http://")))
+                    }
+                    _ => p.push((field, format!("hook {n}: url {:?} must be an absolute http:// URL", h.url))),
+                }
+                for name in h.headers.keys() {
+                    if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                        p.push((field, format!("hook {n}: {name:?} is not a header name")));
+                    }
+                }
+                if h.timeout.0.is_zero() {
+                    p.push((field, format!("hook {n}: timeout must be greater than 0")));
+                }
+            }
+        }
+    }
+
     fn validate_warmup(&self, p: &mut Vec<(&'static str, String)>) {
         let w = &self.warmup;
         if w.timeout.0.is_zero() {
@@ -862,6 +888,29 @@ warmup:
         assert_eq!(err.problems.len(), 6, "{text}");
         let ok = load_str("warmup:\n  requests:\n    - { path: /, count: 3 }\n", &[]).unwrap();
         assert_eq!((ok.warmup.requests[0].method.as_str(), ok.warmup.requests[0].count), ("GET", 3));
+    }
+
+    #[test]
+    fn bad_hooks_are_each_reported() {
+        let src = r#"
+hooks:
+  on_ready:
+    - { method: "B AD", url: "http://r/x" }
+    - { url: "https://r/x" }
+  on_drain:
+    - { url: "r/x", headers: { "bad name": x }, timeout: 0s }
+"#;
+        let text = load_str(src, &[]).unwrap_err().to_string();
+        for needle in [
+            "hooks.on_ready: hook 1: \"B AD\" is not an HTTP method",
+            "hooks.on_ready: hook 2: https is not supported",
+            "hooks.on_drain: hook 1: url \"r/x\" must be an absolute http:// URL",
+            "hooks.on_drain: hook 1: \"bad name\" is not a header name",
+            "hooks.on_drain: hook 1: timeout must be greater than 0",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+        }
+        assert!(load_str("hooks:\n  on_drain:\n    - { url: \"http://${R}/x\" }\n", &[]).is_ok());
     }
 
     #[test]

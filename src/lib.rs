@@ -13,6 +13,7 @@ pub mod demo_app;
 pub mod error;
 pub mod goaway;
 pub mod health;
+pub mod hooks;
 pub mod inject;
 pub mod lifecycle;
 pub mod logging;

@@ -15,6 +15,7 @@ use tracing::{info, warn};
 
 use crate::activity::Activity;
 use crate::config::{DrainConfig, WarmupConfig};
+use crate::hooks::{Hooks, When};
 use crate::metrics::Metrics;
 use crate::server::ProxyListener;
 use crate::warmup;
@@ -162,6 +163,7 @@ pub struct Lifecycle {
     /// A stop signal (SIGTERM/SIGINT) arrived: once released, exit; never resume.
     stop_requested: bool,
     warmup: Option<Warmup>,
+    hooks: Hooks,
 }
 
 /// The app warm-up (DESIGN §5) the lifecycle runs before it turns ready.
@@ -241,7 +243,25 @@ impl Lifecycle {
         listener: ProxyListener,
     ) -> Self {
         metrics.set_phase(Phase::Starting);
-        Lifecycle { tx, events, cfg, activity, metrics, listener, stop_requested: false, warmup: None }
+        Lifecycle {
+            tx,
+            events,
+            cfg,
+            activity,
+            metrics,
+            listener,
+            stop_requested: false,
+            warmup: None,
+            hooks: Hooks::default(),
+        }
+    }
+
+    /// Registry hooks: `on_ready` each time the proxy turns ready from `starting` or on a
+    /// resume (not after a spell of `unhealthy`: nothing was deregistered), `on_drain` when a
+    /// drain starts.
+    pub fn with_hooks(mut self, hooks: Hooks) -> Self {
+        self.hooks = hooks;
+        self
     }
 
     /// Warms the app up before every turn to ready from `starting` (see [`Warmup`]).
@@ -277,6 +297,9 @@ impl Lifecycle {
         self.metrics.set_phase(phase);
         if from != phase {
             info!(from = from.as_str(), to = phase.as_str(), reason, "phase changed");
+            if phase == Phase::Ready && from != Phase::Unhealthy {
+                self.hooks.run(When::OnReady, &self.metrics);
+            }
         }
     }
 
@@ -426,6 +449,7 @@ impl Lifecycle {
             });
         });
         self.set_phase(Phase::Draining, trigger_reason(trigger));
+        self.hooks.run(When::OnDrain, &self.metrics);
         info!(
             trigger = trigger.as_str(),
             min_delay_ms = self.cfg.min_delay.0.as_millis() as u64,

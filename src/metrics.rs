@@ -47,6 +47,8 @@ pub struct Metrics {
     pub connect_resends: IntCounter,
     /// `[2xx, other status, no answer]`, see [`WARMUP_OUTCOMES`].
     pub warmup_requests: [IntCounter; 3],
+    /// `[on_ready, on_drain][ok, failed]`.
+    hook_calls: [[IntCounter; 2]; 2],
 }
 
 /// The `outcome` label of `drainproxy_warmup_requests_total`.
@@ -142,6 +144,14 @@ impl Metrics {
         reg(Box::new(warmup_vec.clone()))?;
         let warmup_requests = WARMUP_OUTCOMES.map(|o| warmup_vec.with_label_values(&[o]));
 
+        let hooks_vec = IntCounterVec::new(
+            Opts::new("hook_calls_total", "Registry hook calls, by hook list and outcome (ok: answered 2xx)"),
+            &["hook", "outcome"],
+        )?;
+        reg(Box::new(hooks_vec.clone()))?;
+        let hook_calls =
+            ["on_ready", "on_drain"].map(|h| ["ok", "failed"].map(|o| hooks_vec.with_label_values(&[h, o])));
+
         let build = IntGaugeVec::new(Opts::new("build_info", "Build information"), &["version"])?;
         reg(Box::new(build.clone()))?;
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
@@ -163,7 +173,12 @@ impl Metrics {
             app_healthy,
             connect_resends,
             warmup_requests,
+            hook_calls,
         })
+    }
+
+    pub fn hook_done(&self, when: crate::hooks::When, ok: bool) {
+        self.hook_calls[when as usize][usize::from(!ok)].inc();
     }
 
     #[inline]

@@ -4,6 +4,7 @@
 mod binary;
 mod deploy;
 mod drain;
+mod hooks;
 mod inject;
 mod peers;
 mod proxy;
