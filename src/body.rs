@@ -175,8 +175,11 @@ impl Drop for RequestGuard {
 }
 
 /// The request body on its way to the app. On HTTP/1.1 it tells its connection when it has
-/// been read to its end: only then is the connection between two messages. On HTTP/2 a body
-/// still streaming is shared with the response, which ends only after it (see [`SharedBody`]).
+/// been read to its end: only then is the connection between two messages; dropped before
+/// that (the app answered and closed, or failed), the rest is read out and discarded behind
+/// the answer, bounded by [`HOLD_END_MAX`], so that a client still uploading can finish and
+/// read it instead of being reset. On HTTP/2 a body still streaming is shared with the
+/// response, which ends only after it (see [`SharedBody`]).
 pub struct RequestBody {
     inner: Inner,
     conn: Option<Arc<ConnState>>,
@@ -185,6 +188,8 @@ pub struct RequestBody {
 enum Inner {
     Owned(Incoming),
     Shared(Arc<SharedBody>),
+    /// Handed over to be read out (only while being dropped).
+    Taken,
 }
 
 /// An HTTP/2 request body that was still streaming when its request was forwarded.
@@ -312,7 +317,7 @@ impl RequestBody {
     pub fn shared(&self) -> Option<Arc<SharedBody>> {
         match &self.inner {
             Inner::Shared(shared) => Some(shared.clone()),
-            Inner::Owned(_) => None,
+            Inner::Owned(_) | Inner::Taken => None,
         }
     }
 }
@@ -339,6 +344,7 @@ impl Body for RequestBody {
                 return polled;
             }
             Inner::Shared(shared) => shared,
+            Inner::Taken => return Poll::Ready(None),
         };
         let mut slot = shared.lock();
         let Forwarding::Open(body) = &mut slot.state else { return Poll::Ready(None) };
@@ -358,6 +364,7 @@ impl Body for RequestBody {
                 Forwarding::Open(body) => body.is_end_stream(),
                 Forwarding::Abandoned(_) | Forwarding::Done => true,
             },
+            Inner::Taken => true,
         }
     }
 
@@ -368,22 +375,55 @@ impl Body for RequestBody {
                 Forwarding::Open(body) => body.size_hint(),
                 Forwarding::Abandoned(_) | Forwarding::Done => SizeHint::with_exact(0),
             },
+            Inner::Taken => SizeHint::with_exact(0),
         }
     }
 }
 
 impl Drop for RequestBody {
     fn drop(&mut self) {
-        // Dropped before its end (the app's connection closed, the request failed): the
-        // response, if there is one, reads the rest of it before it ends.
-        if let Inner::Shared(shared) = &self.inner {
-            let mut slot = shared.lock();
-            if let Forwarding::Open(body) = std::mem::replace(&mut slot.state, Forwarding::Done) {
-                slot.state = Forwarding::Abandoned(body);
-                SharedBody::wake_response(&mut slot);
+        // Dropped before its end (the app's connection closed, the request failed): the rest
+        // is read out. On HTTP/2 by the response, if there is one, before it ends.
+        match &self.inner {
+            Inner::Shared(shared) => {
+                let mut slot = shared.lock();
+                if let Forwarding::Open(body) = std::mem::replace(&mut slot.state, Forwarding::Done) {
+                    slot.state = Forwarding::Abandoned(body);
+                    SharedBody::wake_response(&mut slot);
+                }
             }
+            // `conn` is still set: the body has not been read to its end.
+            Inner::Owned(_) if self.conn.is_some() => {
+                if let (Inner::Owned(body), Some(conn)) =
+                    (std::mem::replace(&mut self.inner, Inner::Taken), self.conn.take())
+                {
+                    read_out_http1(body, conn);
+                }
+            }
+            Inner::Owned(_) | Inner::Taken => {}
         }
     }
+}
+
+/// Reads an HTTP/1.1 request body the forwarding dropped to its end, discarding it, for at
+/// most [`HOLD_END_MAX`]; then the connection is between two messages again.
+fn read_out_http1(mut body: Incoming, conn: Arc<ConnState>) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+    runtime.spawn(async move {
+        let read_out = async {
+            while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
+                if frame.is_err() {
+                    return false;
+                }
+            }
+            true
+        };
+        match tokio::time::timeout(HOLD_END_MAX, read_out).await {
+            Ok(true) => conn.body_open.store(false, Relaxed),
+            Ok(false) => {}
+            Err(_) => tracing::debug!("the request body was still arriving {HOLD_END_MAX:?} after the app dropped it"),
+        }
+    });
 }
 
 enum Kind {

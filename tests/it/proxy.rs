@@ -419,18 +419,48 @@ async fn an_answer_the_app_sent_before_resetting_an_upload_reaches_the_client() 
             let _ = wr.write_all(&vec![b'x'; 4 << 20]).await;
             wr
         });
-        let mut got = Vec::new();
-        let mut buf = [0u8; 4096];
-        while !got.ends_with(REFUSAL_BODY) {
-            match tokio::time::timeout(Duration::from_secs(5), rd.read(&mut buf)).await.expect("an answer within 5 s") {
-                Ok(0) | Err(_) => break,
-                Ok(n) => got.extend_from_slice(&buf[..n]),
-            }
-        }
-        let got = String::from_utf8_lossy(&got);
+        let got = read_refusal(&mut rd).await;
         assert!(got.starts_with("HTTP/1.1 413 ") && got.ends_with("too big!"), "upload {i}: {got}");
         upload.abort();
     }
+}
+
+/// Reads one answer from the refusing app (up to its body) from `rd`.
+async fn read_refusal(rd: &mut tokio::net::tcp::OwnedReadHalf) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.ends_with(REFUSAL_BODY) {
+        match tokio::time::timeout(Duration::from_secs(5), rd.read(&mut buf)).await.expect("an answer within 5 s") {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// An HTTP/1.1 client that goes on uploading after the app answered and closed is not reset:
+/// the proxy reads the rest of the upload and discards it, so the client sends it all, has
+/// the answer, and can use the connection again (Java's HttpClient, sending after `100
+/// Continue`, failed every time with "header parser received no bytes" when it was reset).
+#[tokio::test]
+async fn an_upload_the_app_answered_and_closed_on_is_read_out_and_the_connection_goes_on() {
+    let p = ready_proxy(refusing_app(413, REFUSAL_BODY).await, |c| c.health.path = None).await;
+    let (mut rd, mut wr) = TcpStream::connect(p.proxy_addr).await.unwrap().into_split();
+    let upload = tokio::spawn(async move {
+        wr.write_all(b"POST /upload HTTP/1.1\r\nhost: a\r\ncontent-length: 4194304\r\n\r\n").await?;
+        wr.write_all(&vec![b'x'; 4 << 20]).await?;
+        Ok::<_, std::io::Error>(wr)
+    });
+    let first = read_refusal(&mut rd).await;
+    assert!(first.starts_with("HTTP/1.1 413 "), "{first}");
+    let mut wr = tokio::time::timeout(Duration::from_secs(5), upload)
+        .await
+        .expect("the upload is read within 5 s")
+        .unwrap()
+        .expect("the whole upload is accepted");
+    wr.write_all(b"GET /again HTTP/1.1\r\nhost: a\r\n\r\n").await.unwrap();
+    let second = read_refusal(&mut rd).await;
+    assert!(second.starts_with("HTTP/1.1 413 "), "the connection went on: {second}");
 }
 
 /// The hold is bounded: an upload that never ends does not keep the response open past
@@ -801,11 +831,13 @@ async fn a_connection_whose_request_body_is_unfinished_is_not_parked() {
     let waited = tokio::time::timeout(std::time::Duration::from_millis(1500), p.activity.wait_parked(1)).await;
     assert!(waited.is_err(), "a connection in the middle of a request body was parked");
     // ... so when the body is abandoned, the connection closes instead of being parked with
-    // the rest of the body still to come (which would then be read as requests).
+    // the rest of the body still to come (which would then be read as requests). The proxy
+    // first reads the rest out for the client, which stops sending: it closes at that bound.
     close_app.notify_one();
     let _ = s.write_all(&[b'x'; 1000]).await;
     let mut rest = Vec::new();
-    let read = tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+    let bound = drainproxy::body::HOLD_END_MAX + std::time::Duration::from_secs(3);
+    let read = tokio::time::timeout(bound, s.read_to_end(&mut rest)).await;
     assert!(read.is_ok(), "the connection stayed open");
     assert_eq!(p.activity.parked(), 0);
     assert!(
