@@ -286,13 +286,7 @@ impl SharedBody {
         if self.is_done() {
             return;
         }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
-        runtime.spawn(async move {
-            let read_out = std::future::poll_fn(|cx| self.poll_done(cx));
-            if tokio::time::timeout(HOLD_END_MAX, read_out).await.is_err() {
-                tracing::debug!("the request body was still arriving {HOLD_END_MAX:?} after its response; dropping it");
-            }
-        });
+        spawn_read_out(async move { std::future::poll_fn(|cx| self.poll_done(cx)).await });
     }
 }
 
@@ -408,20 +402,23 @@ impl Drop for RequestBody {
 /// Reads an HTTP/1.1 request body the forwarding dropped to its end, discarding it, for at
 /// most [`HOLD_END_MAX`]; then the connection is between two messages again.
 fn read_out_http1(mut body: Incoming, conn: Arc<ConnState>) {
+    spawn_read_out(async move {
+        while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
+            if frame.is_err() {
+                return;
+            }
+        }
+        conn.body_open.store(false, Relaxed);
+    });
+}
+
+/// Runs `read_out` (a request body read to its end) in a task of its own, for at most
+/// [`HOLD_END_MAX`]; outside a runtime (a drop at shutdown) the body is simply dropped.
+fn spawn_read_out(read_out: impl Future<Output = ()> + Send + 'static) {
     let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
     runtime.spawn(async move {
-        let read_out = async {
-            while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
-                if frame.is_err() {
-                    return false;
-                }
-            }
-            true
-        };
-        match tokio::time::timeout(HOLD_END_MAX, read_out).await {
-            Ok(true) => conn.body_open.store(false, Relaxed),
-            Ok(false) => {}
-            Err(_) => tracing::debug!("the request body was still arriving {HOLD_END_MAX:?} after the app dropped it"),
+        if tokio::time::timeout(HOLD_END_MAX, read_out).await.is_err() {
+            tracing::debug!("a request body was still arriving {HOLD_END_MAX:?} after it was given up; dropping it");
         }
     });
 }
