@@ -322,7 +322,7 @@ async fn an_http2_response_ends_only_after_the_request_body_the_app_still_reads(
 /// the client's stream.
 #[tokio::test]
 async fn an_http2_upload_the_app_answered_and_closed_on_is_read_to_its_end() {
-    let p = ready_proxy(refusing_app(200, REFUSAL_BODY).await, |c| c.health.path = None).await;
+    let p = refusing_proxy(200, REFUSAL_BODY).await;
     assert_the_response_ends_after_the_upload(&p, "/upload", 200, REFUSAL_BODY).await;
 }
 
@@ -357,15 +357,21 @@ async fn an_http2_error_answer_while_uploading_ends_at_once_and_the_app_reads_th
 /// The app answers 413 and closes without reading the body: the proxy reads the rest.
 #[tokio::test]
 async fn an_http2_error_answer_while_uploading_ends_at_once_and_the_proxy_reads_the_rest() {
-    let p = ready_proxy(refusing_app(413, REFUSAL_BODY).await, |c| c.health.path = None).await;
+    let p = refusing_proxy(413, REFUSAL_BODY).await;
     assert_the_response_ends_at_once_and_the_upload_is_read(&p, "/upload", 413, REFUSAL_BODY).await;
 }
 
 /// The same with an answer without a body, which hyper sends whole with its headers.
 #[tokio::test]
 async fn an_http2_error_answer_without_a_body_while_uploading_ends_at_once_and_the_proxy_reads_the_rest() {
-    let p = ready_proxy(refusing_app(413, b"").await, |c| c.health.path = None).await;
+    let p = refusing_proxy(413, b"").await;
     assert_the_response_ends_at_once_and_the_upload_is_read(&p, "/upload", 413, b"").await;
+}
+
+/// A ready proxy in front of [`refusing_app`] (checked with a TCP connect: it answers every
+/// request the same way).
+async fn refusing_proxy(status: u16, body: &'static [u8]) -> drainproxy::app::Running {
+    ready_proxy(refusing_app(status, body).await, |c| c.health.path = None).await
 }
 
 /// An app that answers every upload with `status` and `body` as soon as it has the request
@@ -409,7 +415,7 @@ async fn read_head(s: &mut TcpStream) -> bool {
 /// that reset. hyper's client alone gives up on the failed write (a 502).
 #[tokio::test]
 async fn an_answer_the_app_sent_before_resetting_an_upload_reaches_the_client() {
-    let p = ready_proxy(refusing_app(413, REFUSAL_BODY).await, |c| c.health.path = None).await;
+    let p = refusing_proxy(413, REFUSAL_BODY).await;
     for i in 0..20 {
         let (mut rd, mut wr) = TcpStream::connect(p.proxy_addr).await.unwrap().into_split();
         let upload = tokio::spawn(async move {
@@ -444,7 +450,7 @@ async fn read_refusal(rd: &mut tokio::net::tcp::OwnedReadHalf) -> String {
 /// Continue`, failed every time with "header parser received no bytes" when it was reset).
 #[tokio::test]
 async fn an_upload_the_app_answered_and_closed_on_is_read_out_and_the_connection_goes_on() {
-    let p = ready_proxy(refusing_app(413, REFUSAL_BODY).await, |c| c.health.path = None).await;
+    let p = refusing_proxy(413, REFUSAL_BODY).await;
     let (mut rd, mut wr) = TcpStream::connect(p.proxy_addr).await.unwrap().into_split();
     let upload = tokio::spawn(async move {
         wr.write_all(b"POST /upload HTTP/1.1\r\nhost: a\r\ncontent-length: 4194304\r\n\r\n").await?;
