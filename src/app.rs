@@ -67,6 +67,7 @@ pub async fn start(cfg: Config, opts: StartOptions) -> anyhow::Result<Running> {
         .with_context(|| format!("upstream.address {:?} resolves to nothing", cfg.upstream.address))?;
     // Templates are filled in before anything is bound: a missing variable stops start-up.
     let hooks = Hooks::prepare(&cfg.hooks, |name| std::env::var(name).ok()).map_err(anyhow::Error::msg)?;
+    let tls = cfg.tls.as_ref().map(crate::tls::load).transpose()?;
     let proxy_listener =
         server::bind(cfg.listen).with_context(|| format!("cannot bind listen address {}", cfg.listen))?;
     let admin_listener = server::bind(cfg.admin).with_context(|| format!("cannot bind admin address {}", cfg.admin))?;
@@ -86,7 +87,8 @@ pub async fn start(cfg: Config, opts: StartOptions) -> anyhow::Result<Running> {
         cfg.log.access_log,
     ));
     let releases = opts.releases.unwrap_or_default();
-    let ctx = Arc::new(ConnCtx::new(proxy, &cfg.limits, releases.clone()));
+    let (acceptor, reloader) = tls.unzip();
+    let ctx = Arc::new(ConnCtx::new(proxy, &cfg.limits, releases.clone()).with_tls(acceptor));
     let listener = ProxyListener::start(proxy_listener, ctx)?;
     let proxy_addr = listener.local_addr();
 
@@ -101,6 +103,9 @@ pub async fn start(cfg: Config, opts: StartOptions) -> anyhow::Result<Running> {
     let mut tasks = Tasks::default();
     tasks.0.push(upstream.spawn_reaper());
     tasks.0.push(tokio::spawn(releases.watchdog()));
+    if let Some(reloader) = reloader {
+        tasks.0.push(tokio::spawn(reloader.run(metrics.clone())));
+    }
     tasks.0.push(tokio::spawn(admin::serve(admin_listener, admin, std::future::pending::<()>())));
     tasks.0.push(tokio::spawn(crate::health::run(cfg.health.clone(), app_addr, events_tx.clone(), metrics.clone())));
     if opts.signals {
@@ -121,6 +126,7 @@ pub async fn start(cfg: Config, opts: StartOptions) -> anyhow::Result<Running> {
         upstream = %app_addr,
         protocol = ?cfg.upstream.protocol,
         threads = cfg.runtime.threads,
+        tls = cfg.tls.is_some(),
         version = env!("CARGO_PKG_VERSION"),
         "drainproxy started"
     );

@@ -183,8 +183,18 @@ pub struct RuntimeConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
+    /// PEM: the server certificate first, then its intermediates.
     pub cert: PathBuf,
+    /// PEM: the private key (PKCS#8, PKCS#1 or SEC1).
     pub key: PathBuf,
+    /// How often both files are read again; a changed, valid pair is served from the next
+    /// handshake on (a rotated Kubernetes Secret, cert-manager). `0s` turns this off.
+    #[serde(default = "default_tls_reload")]
+    pub reload_interval: Dur,
+}
+
+fn default_tls_reload() -> Dur {
+    Dur::secs(10)
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -375,6 +385,7 @@ pub const KEYS: &[&str] = &[
     "runtime.threads",
     "tls.cert",
     "tls.key",
+    "tls.reload_interval",
     "warmup.timeout",
     "log.format",
     "log.level",
@@ -761,11 +772,16 @@ impl Config {
         if self.runtime.threads == 0 || self.runtime.threads > 64 {
             p.push(("runtime.threads", "must be between 1 and 64".into()));
         }
-        if self.tls.is_some() {
-            p.push((
-                "tls",
-                "TLS termination is not implemented in this version; terminate TLS in front of drainproxy".into(),
-            ));
+        if let Some(tls) = &self.tls {
+            if tls.cert.as_os_str().is_empty() {
+                p.push(("tls.cert", "must name the certificate file (PEM)".into()));
+            }
+            if tls.key.as_os_str().is_empty() {
+                p.push(("tls.key", "must name the private key file (PEM)".into()));
+            }
+            if !tls.reload_interval.0.is_zero() && tls.reload_interval.0 < Duration::from_secs(1) {
+                p.push(("tls.reload_interval", "must be at least 1s, or 0s to never read the files again".into()));
+            }
         }
         self.validate_hooks(&mut p);
         self.validate_warmup(&mut p);
@@ -859,6 +875,18 @@ mod tests {
         std::fs::write(&path, src).unwrap();
         let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
         load(Some(&path), env, &FlagOverrides::default())
+    }
+
+    #[test]
+    fn the_tls_section_is_checked_and_can_come_from_the_environment() {
+        let err =
+            load_str("tls:\n  cert: /c.pem\n  key: \"\"\n  reload_interval: 500ms\n", &[]).unwrap_err().to_string();
+        assert!(err.contains("tls.key: must name"), "{err}");
+        assert!(err.contains("tls.reload_interval: must be at least 1s"), "{err}");
+        let c = load_str("", &[("DRAINPROXY_TLS_CERT", "/c.pem"), ("DRAINPROXY_TLS_KEY", "/k.pem")]).unwrap();
+        let tls = c.tls.unwrap();
+        assert_eq!((tls.cert.to_str(), tls.key.to_str()), (Some("/c.pem"), Some("/k.pem")));
+        assert_eq!(tls.reload_interval, Dur::secs(10));
     }
 
     #[test]

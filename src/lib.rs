@@ -21,5 +21,6 @@ pub mod metrics;
 pub mod proxy;
 pub mod server;
 pub mod sock;
+pub mod tls;
 pub mod upstream;
 pub mod warmup;

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::Parser as _;
 use drainproxy::cli::{Cli, Command, ConfigArgs, InjectArgs};
-use drainproxy::config::{self, Config, ConfigError};
+use drainproxy::config::{self, Config};
 use drainproxy::lifecycle::Exit;
 
 const EXIT_RUNTIME: u8 = 1;
@@ -34,8 +34,14 @@ fn main() -> ExitCode {
     }
 }
 
-fn load(args: &ConfigArgs) -> Result<Config, ConfigError> {
-    config::load(args.config.as_deref(), std::env::vars(), &args.flags())
+/// The configuration, and the files it names that start-up reads (TLS certificate and key):
+/// a problem with either is a configuration error (exit code 2).
+fn load(args: &ConfigArgs) -> Result<Config, String> {
+    let cfg = config::load(args.config.as_deref(), std::env::vars(), &args.flags()).map_err(|e| e.to_string())?;
+    if let Some(tls) = &cfg.tls {
+        drainproxy::tls::load(tls).map_err(|e| format!("invalid configuration (1 problem):\n  {e}\n"))?;
+    }
+    Ok(cfg)
 }
 
 fn check(args: &ConfigArgs) -> ExitCode {

@@ -49,7 +49,14 @@ pub struct Metrics {
     pub warmup_requests: [IntCounter; 3],
     /// `[on_ready, on_drain][ok, failed]`.
     hook_calls: [[IntCounter; 2]; 2],
+    /// `[ok, failed, timeout]`, see [`TLS_HANDSHAKE_OUTCOMES`].
+    pub tls_handshakes: [IntCounter; 3],
+    /// `[ok, failed]`.
+    pub tls_reloads: [IntCounter; 2],
 }
+
+/// The `outcome` label of `drainproxy_tls_handshakes_total`.
+pub const TLS_HANDSHAKE_OUTCOMES: [&str; 3] = ["ok", "failed", "timeout"];
 
 /// The `outcome` label of `drainproxy_warmup_requests_total`.
 pub const WARMUP_OUTCOMES: [&str; 3] = ["2xx", "other_status", "no_answer"];
@@ -152,6 +159,22 @@ impl Metrics {
         let hook_calls =
             ["on_ready", "on_drain"].map(|h| ["ok", "failed"].map(|o| hooks_vec.with_label_values(&[h, o])));
 
+        let handshakes_vec = IntCounterVec::new(
+            Opts::new("tls_handshakes_total", "TLS handshakes on the proxy listener, by outcome"),
+            &["outcome"],
+        )?;
+        reg(Box::new(handshakes_vec.clone()))?;
+        let tls_handshakes = TLS_HANDSHAKE_OUTCOMES.map(|o| handshakes_vec.with_label_values(&[o]));
+        let reloads_vec = IntCounterVec::new(
+            Opts::new(
+                "tls_certificate_reloads_total",
+                "Changed certificate files read again: ok when served from then on, failed when the old pair stays",
+            ),
+            &["outcome"],
+        )?;
+        reg(Box::new(reloads_vec.clone()))?;
+        let tls_reloads = ["ok", "failed"].map(|o| reloads_vec.with_label_values(&[o]));
+
         let build = IntGaugeVec::new(Opts::new("build_info", "Build information"), &["version"])?;
         reg(Box::new(build.clone()))?;
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
@@ -174,6 +197,8 @@ impl Metrics {
             connect_resends,
             warmup_requests,
             hook_calls,
+            tls_handshakes,
+            tls_reloads,
         })
     }
 

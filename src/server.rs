@@ -25,6 +25,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::body::ConnState;
@@ -112,6 +113,8 @@ pub struct ConnCtx {
     idle_timeout: Duration,
     limit: Arc<Semaphore>,
     releases: Arc<Releases>,
+    /// Set when the listener terminates TLS (`tls.rs`).
+    tls: Option<TlsAcceptor>,
 }
 
 impl ConnCtx {
@@ -134,7 +137,14 @@ impl ConnCtx {
             idle_timeout: limits.idle_timeout.0,
             limit: Arc::new(Semaphore::new(limits.max_connections)),
             releases,
+            tls: None,
         }
+    }
+
+    /// Terminates TLS on every connection with this acceptor.
+    pub fn with_tls(mut self, tls: Option<TlsAcceptor>) -> Self {
+        self.tls = tls;
+        self
     }
 }
 
@@ -197,7 +207,22 @@ async fn serve_proxy_conn(
     peer: SocketAddr,
     _permit: Option<OwnedSemaphorePermit>,
 ) {
-    let (mut io, h2) = match tokio::time::timeout(ctx.header_read_timeout, sniff(stream)).await {
+    // One bound for the TLS handshake and the first bytes of a request.
+    let deadline = tokio::time::Instant::now() + ctx.header_read_timeout;
+    let stream = match &ctx.tls {
+        None => ClientStream::Plain(stream),
+        // Boxed: the handshake's state would otherwise size every connection's task.
+        Some(tls) => match Box::pin(handshake(tls, stream, deadline, &ctx.proxy.acct.metrics)).await {
+            Some(s) => s,
+            None => return,
+        },
+    };
+    let sniffed = match stream.alpn_h2() {
+        // Negotiated by ALPN: hyper reads and checks the preface itself.
+        true => Ok(Ok((Prefixed { prefix: Bytes::new(), inner: stream, conn: None }, true))),
+        false => tokio::time::timeout_at(deadline, sniff(stream)).await,
+    };
+    let (mut io, h2) = match sniffed {
         Ok(Ok(v)) => v,
         Ok(Err(error)) => {
             debug!(%error, "connection closed before a request");
@@ -261,7 +286,7 @@ async fn parked(io: &Prefixed, conn_state: &ConnState, ctx: &ConnCtx) -> bool {
     let mut state = ctx.proxy.state.clone();
     let idle_until = conn_state.idle_since() + ctx.idle_timeout;
     tokio::select! {
-        ready = io.inner.readable() => ready.is_ok(),
+        ready = io.inner.readable() => ready,
         closed = state.wait_for(|s| s.close_idle) => {
             if closed.is_ok() {
                 ctx.proxy.acct.metrics.connection_closed(CloseHow::IdleClose);
@@ -431,7 +456,7 @@ async fn drive<C: Graceful>(
 
 /// Reads until the connection's first bytes tell HTTP/2 (prior knowledge) from HTTP/1.x,
 /// and returns a stream that replays them.
-async fn sniff(mut stream: TcpStream) -> io::Result<(Prefixed, bool)> {
+async fn sniff(mut stream: ClientStream) -> io::Result<(Prefixed, bool)> {
     let mut buf = BytesMut::with_capacity(1024);
     loop {
         if stream.read_buf(&mut buf).await? == 0 {
@@ -451,10 +476,142 @@ async fn sniff(mut stream: TcpStream) -> io::Result<(Prefixed, bool)> {
     }
 }
 
-/// A TCP stream whose first bytes were already read: they are replayed before the rest.
+/// The first byte of every TLS connection: a handshake record.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// What a client speaking plain HTTP to the TLS listener gets, instead of a TLS alert it
+/// would print as garbage.
+const PLAIN_HTTP_TO_TLS: &[u8] = b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 48\r\nConnection: close\r\n\r\nThis port expects TLS: use https:// to reach it\n";
+
+/// Runs the TLS handshake within `deadline`, counting its outcome.
+async fn handshake(
+    tls: &TlsAcceptor,
+    stream: TcpStream,
+    deadline: tokio::time::Instant,
+    metrics: &crate::metrics::Metrics,
+) -> Option<ClientStream> {
+    let [ok, failed, timeout] = &metrics.tls_handshakes;
+    let mut first = [0u8; 1];
+    let accepted = match tokio::time::timeout_at(deadline, stream.peek(&mut first)).await {
+        Ok(Ok(1)) if first[0] != TLS_HANDSHAKE_RECORD => {
+            failed.inc();
+            debug!("plain HTTP on the TLS listener: answered 400");
+            let _ = tokio::time::timeout_at(deadline, answer_plain_http(stream)).await;
+            return None;
+        }
+        Ok(Ok(_)) => tokio::time::timeout_at(deadline, tls.accept(stream)).await,
+        Ok(Err(error)) => Ok(Err(error)),
+        Err(elapsed) => Err(elapsed),
+    };
+    match accepted {
+        Ok(Ok(s)) => {
+            ok.inc();
+            Some(ClientStream::Tls(Box::new(s)))
+        }
+        Ok(Err(error)) => {
+            failed.inc();
+            debug!(%error, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            timeout.inc();
+            debug!("TLS handshake not complete within limits.header_read_timeout: closing");
+            None
+        }
+    }
+}
+
+/// Answers a client that spoke plain HTTP to the TLS listener, then reads what it sent:
+/// closing with it unread would reset the connection and could lose the answer.
+async fn answer_plain_http(mut stream: TcpStream) -> io::Result<()> {
+    use tokio::io::AsyncWriteExt as _;
+    stream.write_all(PLAIN_HTTP_TO_TLS).await?;
+    stream.shutdown().await?;
+    let mut sink = [0u8; 4096];
+    for _ in 0..16 {
+        if stream.read(&mut sink).await? == 0 {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// A client connection: plain TCP, or TLS over it (boxed: rustls' state is large, and the
+/// plain connections are the many).
+pub enum ClientStream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+impl ClientStream {
+    fn alpn_h2(&self) -> bool {
+        match self {
+            ClientStream::Plain(_) => false,
+            ClientStream::Tls(s) => s.get_ref().1.alpn_protocol() == Some(b"h2"),
+        }
+    }
+
+    /// Waits until the socket has bytes to read (parking: plain connections only, since
+    /// TLS may hold decrypted bytes the socket no longer shows).
+    async fn readable(&self) -> bool {
+        match self {
+            ClientStream::Plain(s) => s.readable().await.is_ok(),
+            ClientStream::Tls(_) => true,
+        }
+    }
+}
+
+impl AsyncRead for ClientStream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            ClientStream::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for ClientStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            ClientStream::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
+        }
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => crate::sock::write_vectored(Pin::new(s), cx, bufs),
+            ClientStream::Tls(s) => Pin::new(&mut **s).poll_write_vectored(cx, bufs),
+        }
+    }
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            ClientStream::Plain(s) => s.is_write_vectored(),
+            ClientStream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            ClientStream::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            // Sends close_notify, then shuts the socket's write side.
+            ClientStream::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// A client stream whose first bytes were already read: they are replayed before the rest.
 pub struct Prefixed {
     prefix: Bytes,
-    inner: TcpStream,
+    inner: ClientStream,
     /// Set for HTTP/1.1: while the connection is being parked, a shutdown leaves it open.
     conn: Option<Arc<ConnState>>,
 }
@@ -513,7 +670,7 @@ impl AsyncWrite for Prefixed {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        crate::sock::write_vectored(Pin::new(&mut self.inner), cx, bufs)
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
@@ -525,8 +682,9 @@ impl AsyncWrite for Prefixed {
         // HTTP/1.1: hyper shuts the write side when it ends a connection, and the socket is
         // closed right after, which sends the same FIN: one syscall fewer per closed
         // connection. A connection being parked must stay open. A tunnel (upgrade) needs the
-        // real half-close, to relay one side's end to the other.
-        if self.conn.as_ref().is_some_and(|c| !c.is_upgraded()) {
+        // real half-close, to relay one side's end to the other, and TLS its close_notify.
+        let plain = matches!(self.inner, ClientStream::Plain(_));
+        if plain && self.conn.as_ref().is_some_and(|c| !c.is_upgraded()) {
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.inner).poll_shutdown(cx)

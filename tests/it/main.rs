@@ -9,4 +9,5 @@ mod inject;
 mod peers;
 mod proxy;
 mod support;
+mod tls;
 mod warmup;

@@ -1,0 +1,298 @@
+//! TLS termination on the proxy listener: ALPN picks HTTP/2 or HTTP/1.1, the drain tells
+//! TLS connections to leave as it does plain ones, rotated certificates are served without a
+//! restart, and bad input gets a clear answer.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use drainproxy::app::Running;
+use drainproxy::config::{Config, Dur, TlsConfig};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+use crate::support::*;
+
+/// A self-signed certificate for `localhost`, written as PEM files.
+struct Pair {
+    cert: PathBuf,
+    key: PathBuf,
+    der: CertificateDer<'static>,
+}
+
+fn pair(dir: &Path, name: &str) -> Pair {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let cert = dir.join(format!("{name}.crt"));
+    let key = dir.join(format!("{name}.key"));
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    Pair { cert, key, der: ck.cert.der().clone() }
+}
+
+fn tempdir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("drainproxy-it-tls-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn with_tls(c: &mut Config, p: &Pair) {
+    c.tls = Some(TlsConfig { cert: p.cert.clone(), key: p.key.clone(), reload_interval: Dur::secs(10) });
+}
+
+/// A TLS client that trusts `trusted` and offers `alpn`.
+async fn connect(addr: SocketAddr, trusted: &[&CertificateDer<'static>], alpn: &[&[u8]]) -> TlsStream<TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in trusted {
+        roots.add((*c).clone()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let name = ServerName::try_from("localhost").unwrap();
+    TlsConnector::from(Arc::new(cfg)).connect(name, tcp).await.expect("TLS handshake")
+}
+
+fn served_cert(s: &TlsStream<TcpStream>) -> CertificateDer<'static> {
+    s.get_ref().1.peer_certificates().expect("a certificate")[0].clone()
+}
+
+async fn https_h1(s: TlsStream<TcpStream>) -> H1 {
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s)).await.unwrap();
+    H1 { sender, conn: tokio::spawn(conn.with_upgrades()) }
+}
+
+async fn https_h2(
+    s: TlsStream<TcpStream>,
+) -> (hyper::client::conn::http2::SendRequest<Body>, tokio::task::JoinHandle<hyper::Result<()>>) {
+    let (sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s)).await.unwrap();
+    (sender, tokio::spawn(conn))
+}
+
+async fn tls_proxy(app: SocketAddr, p: &Pair, tweak: impl FnOnce(&mut Config)) -> Running {
+    ready_proxy(app, |c| {
+        with_tls(c, p);
+        tweak(c);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn alpn_picks_http2_or_http1_and_both_reach_the_app() {
+    let app = app().await;
+    let dir = tempdir("alpn");
+    let a = pair(&dir, "a");
+    let p = tls_proxy(app.addr, &a, |_| {}).await;
+
+    let s = connect(p.proxy_addr, &[&a.der], &[b"h2", b"http/1.1"]).await;
+    assert_eq!(s.get_ref().1.alpn_protocol(), Some(&b"h2"[..]), "h2 is preferred");
+    let (mut h2c, _conn) = https_h2(s).await;
+    let r = read(h2c.send_request(h2_get(p.proxy_addr, "/")).await.unwrap()).await;
+    assert_eq!(r.status, 200);
+
+    let s = connect(p.proxy_addr, &[&a.der], &[b"http/1.1"]).await;
+    assert_eq!(s.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    let mut c = https_h1(s).await;
+    assert_eq!(c.get("/").await.status, 200);
+    assert_eq!(c.get("/").await.status, 200, "keep-alive over TLS");
+
+    // No ALPN at all: the first bytes still tell the protocol.
+    let mut c = https_h1(connect(p.proxy_addr, &[&a.der], &[]).await).await;
+    assert_eq!(c.get("/").await.status, 200);
+
+    let m = metrics(&p).await;
+    assert_eq!(metric(&m, "drainproxy_tls_handshakes_total", &[("outcome", "ok")]), 3.0);
+    assert_eq!(metric(&m, "drainproxy_connections_open", &[("protocol", "http2")]), 1.0);
+}
+
+#[tokio::test]
+async fn the_drain_closes_tls_http1_and_sends_goaway_on_tls_http2() {
+    let app = app().await;
+    let dir = tempdir("drain");
+    let a = pair(&dir, "a");
+    let p = tls_proxy(app.addr, &a, |c| c.drain.min_delay = Dur::secs(2)).await;
+
+    let mut c = https_h1(connect(p.proxy_addr, &[&a.der], &[b"http/1.1"]).await).await;
+    assert!(c.get("/").await.headers.get("connection").is_none());
+    let (mut h2c, h2conn) = https_h2(connect(p.proxy_addr, &[&a.der], &[b"h2"]).await).await;
+    let fut = h2c.send_request(h2_get(p.proxy_addr, "/hold"));
+    let held = tokio::spawn(async move { read(fut.await.unwrap()).await });
+    app.state.hold.started.notified().await;
+
+    p.events.send(drainproxy::lifecycle::Event::Drain(drainproxy::lifecycle::Trigger::Http)).await.unwrap();
+    wait_phase(&p, drainproxy::lifecycle::Phase::Draining).await;
+
+    let r = c.get("/").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.headers["connection"], "close");
+    tokio::time::timeout(Duration::from_secs(2), &mut c.conn)
+        .await
+        .expect("TLS connection closed after the response")
+        .ok();
+
+    app.state.hold.release.notify_one();
+    let r = held.await.unwrap();
+    assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "held"), "the stream open at GOAWAY completes");
+    // A client connection ends by itself only once the server's GOAWAY left no stream open.
+    tokio::time::timeout(Duration::from_secs(5), h2conn).await.expect("HTTP/2 connection ends after GOAWAY").ok();
+    let m = metrics(&p).await;
+    assert_eq!(metric(&m, "drainproxy_drain_connections_closed_total", &[("how", "connection_close")]), 1.0);
+    assert_eq!(metric(&m, "drainproxy_drain_connections_closed_total", &[("how", "goaway")]), 1.0);
+}
+
+/// Replaces a file in one step, as a Secret volume's symlink swap does.
+fn replace(from: &Path, to: &Path) {
+    let tmp = to.with_extension("new");
+    std::fs::copy(from, &tmp).unwrap();
+    std::fs::rename(&tmp, to).unwrap();
+}
+
+/// Waits (bounded) until the reload counter with `outcome` reaches `n`.
+async fn wait_reloads(p: &Running, outcome: &str, n: f64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = metrics(p).await;
+        let got = metric(&m, "drainproxy_tls_certificate_reloads_total", &[("outcome", outcome)]);
+        if got >= n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{outcome} reloads stayed at {got}, expected {n}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_rotated_certificate_is_served_from_the_next_handshake_and_a_half_rotation_is_not() {
+    let app = app().await;
+    let dir = tempdir("rotate");
+    let (a, b) = (pair(&dir, "a"), pair(&dir, "b"));
+    let served = Pair { cert: dir.join("tls.crt"), key: dir.join("tls.key"), der: a.der.clone() };
+    replace(&a.cert, &served.cert);
+    replace(&a.key, &served.key);
+    let p = ready_proxy(app.addr, |c| {
+        c.tls = Some(TlsConfig { cert: served.cert.clone(), key: served.key.clone(), reload_interval: Dur::secs(1) });
+    })
+    .await;
+    let both = [&a.der, &b.der];
+    let old = connect(p.proxy_addr, &both, &[b"http/1.1"]).await;
+    assert_eq!(served_cert(&old), a.der);
+    let mut old = https_h1(old).await;
+
+    // Halfway: the new certificate, the old key. The old pair stays in service.
+    replace(&b.cert, &served.cert);
+    wait_reloads(&p, "failed", 1.0).await;
+    assert_eq!(served_cert(&connect(p.proxy_addr, &both, &[]).await), a.der);
+
+    replace(&b.key, &served.key);
+    wait_reloads(&p, "ok", 1.0).await;
+    assert_eq!(served_cert(&connect(p.proxy_addr, &both, &[]).await), b.der);
+    assert_eq!(old.get("/").await.status, 200, "a connection made before the rotation goes on");
+    let m = metrics(&p).await;
+    assert_eq!(metric(&m, "drainproxy_tls_certificate_reloads_total", &[("outcome", "failed")]), 1.0, "logged once");
+}
+
+#[tokio::test]
+async fn plain_http_on_the_tls_port_gets_a_400_that_says_so() {
+    let app = app().await;
+    let dir = tempdir("plain");
+    let a = pair(&dir, "a");
+    let p = tls_proxy(app.addr, &a, |_| {}).await;
+    let mut s = TcpStream::connect(p.proxy_addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut got = String::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut got))
+        .await
+        .expect("answered and closed")
+        .unwrap();
+    assert!(got.starts_with("HTTP/1.1 400 "), "{got}");
+    assert!(got.contains("expects TLS"), "{got}");
+    assert_eq!(app.state.requests.load(std::sync::atomic::Ordering::SeqCst), 0, "never forwarded");
+    let m = metrics(&p).await;
+    assert_eq!(metric(&m, "drainproxy_tls_handshakes_total", &[("outcome", "failed")]), 1.0);
+}
+
+#[tokio::test]
+async fn a_connection_that_never_finishes_its_handshake_is_closed_at_header_read_timeout() {
+    let app = app().await;
+    let dir = tempdir("silent");
+    let a = pair(&dir, "a");
+    let p = tls_proxy(app.addr, &a, |c| c.limits.header_read_timeout = Dur::millis(300)).await;
+    let mut silent = TcpStream::connect(p.proxy_addr).await.unwrap();
+    // A handshake record's first byte, then nothing.
+    silent.write_all(&[0x16]).await.unwrap();
+    let t0 = Instant::now();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(5), silent.read(&mut buf)).await.expect("closed by the proxy");
+    assert!(matches!(n, Ok(0) | Err(_)), "closed, not answered: {n:?}");
+    assert!(t0.elapsed() >= Duration::from_millis(250), "closed after {:?}", t0.elapsed());
+    let m = metrics(&p).await;
+    assert_eq!(metric(&m, "drainproxy_tls_handshakes_total", &[("outcome", "timeout")]), 1.0);
+}
+
+#[test]
+fn check_names_the_tls_field_and_file_it_cannot_use() {
+    let dir = tempdir("check");
+    let a = pair(&dir, "a");
+    let b = pair(&dir, "b");
+    let cfg = dir.join("drainproxy.yaml");
+    let write = |cert: &Path, key: &Path| {
+        std::fs::write(
+            &cfg,
+            format!("listen: 127.0.0.1:0\ntls:\n  cert: {}\n  key: {}\n", cert.display(), key.display()),
+        )
+        .unwrap();
+    };
+    let check = || std::process::Command::new(bin()).args(["check", "--config"]).arg(&cfg).output().unwrap();
+
+    write(&a.cert, &a.key);
+    let out = check();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    write(&a.cert, &b.key);
+    let out = check();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("tls.key") && err.contains(&*b.key.to_string_lossy()) && err.contains("does not match"),
+        "{err}"
+    );
+
+    write(&dir.join("missing.crt"), &a.key);
+    let out = check();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("tls.cert") && err.contains("missing.crt"), "{err}");
+}
+
+/// A WebSocket over TLS (wss) is tunnelled like a plain one: frames both ways, and the app's
+/// end of the tunnel reaches the client through the TLS layer.
+#[tokio::test]
+async fn a_websocket_over_tls_echoes_and_its_end_reaches_the_client() {
+    use futures_util::{SinkExt, StreamExt};
+    let app = app().await;
+    let dir = tempdir("wss");
+    let a = pair(&dir, "a");
+    let p = tls_proxy(app.addr, &a, |_| {}).await;
+    let s = connect(p.proxy_addr, &[&a.der], &[b"http/1.1"]).await;
+    let (mut ws, res) = tokio_tungstenite::client_async("wss://localhost/ws", s).await.unwrap();
+    assert_eq!(res.status(), 101);
+    for i in 0..5 {
+        ws.send(format!("hello {i}").into()).await.unwrap();
+        assert_eq!(ws.next().await.unwrap().unwrap().into_text().unwrap().as_str(), format!("hello {i}"));
+    }
+    assert_eq!(p.activity.inflight(), 1, "an open WebSocket is in flight");
+    ws.close(None).await.unwrap();
+    let ended =
+        tokio::time::timeout(Duration::from_secs(5), async { while let Some(Ok(_)) = ws.next().await {} }).await;
+    assert!(ended.is_ok(), "the client never saw the tunnel end");
+}
