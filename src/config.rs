@@ -216,6 +216,9 @@ pub struct Hook {
     pub body: String,
     #[serde(default = "default_hook_timeout")]
     pub timeout: Dur,
+    /// https:// only: trust the CA certificates in this PEM file instead of the system's.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
 }
 
 fn default_hook_method() -> String {
@@ -803,11 +806,15 @@ impl Config {
                 }
                 let scheme = h.url.split_once("://").map(|(s, _)| s.to_ascii_lowercase());
                 match scheme.as_deref() {
-                    Some("http") => {}
-                    Some("https") => {
-                        p.push((field, format!("hook {n}: https is not supported (no TLS client); use http://")))
+                    Some("https") => {}
+                    Some("http") if h.ca.is_some() => {
+                        p.push((field, format!("hook {n}: ca applies to https:// URLs only")))
                     }
-                    _ => p.push((field, format!("hook {n}: url {:?} must be an absolute http:// URL", h.url))),
+                    Some("http") => {}
+                    _ => p.push((
+                        field,
+                        format!("hook {n}: url {:?} must be an absolute http:// or https:// URL", h.url),
+                    )),
                 }
                 for name in h.headers.keys() {
                     if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
@@ -924,21 +931,22 @@ warmup:
 hooks:
   on_ready:
     - { method: "B AD", url: "http://r/x" }
-    - { url: "https://r/x" }
+    - { url: "http://r/x", ca: /etc/ca.pem }
   on_drain:
     - { url: "r/x", headers: { "bad name": x }, timeout: 0s }
 "#;
         let text = load_str(src, &[]).unwrap_err().to_string();
         for needle in [
             "hooks.on_ready: hook 1: \"B AD\" is not an HTTP method",
-            "hooks.on_ready: hook 2: https is not supported",
-            "hooks.on_drain: hook 1: url \"r/x\" must be an absolute http:// URL",
+            "hooks.on_ready: hook 2: ca applies to https:// URLs only",
+            "hooks.on_drain: hook 1: url \"r/x\" must be an absolute http:// or https:// URL",
             "hooks.on_drain: hook 1: \"bad name\" is not a header name",
             "hooks.on_drain: hook 1: timeout must be greater than 0",
         ] {
             assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
         }
         assert!(load_str("hooks:\n  on_drain:\n    - { url: \"http://${R}/x\" }\n", &[]).is_ok());
+        assert!(load_str("hooks:\n  on_drain:\n    - { url: \"https://r/x\", ca: /etc/ca.pem }\n", &[]).is_ok());
     }
 
     #[test]

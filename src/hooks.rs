@@ -9,6 +9,8 @@
 //! through `/etc/hosts` only, so a registry is named by address (`${HOST_IP}` for a node
 //! agent) or through a Service's cluster IP in the environment.
 
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,6 +19,9 @@ use http::{header, HeaderName, HeaderValue, Method, Request, Uri};
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::RootCertStore;
+use tokio_rustls::TlsConnector;
 use tracing::{info, warn};
 
 use crate::config::{Hook, HooksConfig};
@@ -39,13 +44,90 @@ impl When {
 }
 
 /// One call, its templates filled in.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 struct Call {
     method: Method,
     uri: Uri,
     headers: Vec<(HeaderName, HeaderValue)>,
     body: Bytes,
     timeout: Duration,
+    /// https:// only: the client and the name the registry's certificate must carry.
+    tls: Option<(TlsConnector, ServerName<'static>)>,
+}
+
+impl std::fmt::Debug for Call {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Call").field("method", &self.method).field("uri", &self.uri).finish_non_exhaustive()
+    }
+}
+
+/// TLS clients for https:// hooks, built once at start-up: one on the system's CA
+/// certificates, one per `ca` file.
+#[derive(Default)]
+struct Clients {
+    system: Option<TlsConnector>,
+    files: BTreeMap<PathBuf, TlsConnector>,
+}
+
+impl Clients {
+    fn get(&mut self, ca: Option<&Path>) -> Result<TlsConnector, String> {
+        let cached = match ca {
+            None => self.system.as_ref(),
+            Some(path) => self.files.get(path),
+        };
+        if let Some(c) = cached {
+            return Ok(c.clone());
+        }
+        let c = client(match ca {
+            None => system_roots()?,
+            Some(path) => file_roots(path)?,
+        })?;
+        match ca {
+            None => self.system = Some(c.clone()),
+            Some(path) => {
+                self.files.insert(path.to_path_buf(), c.clone());
+            }
+        }
+        Ok(c)
+    }
+}
+
+fn client(roots: RootCertStore) -> Result<TlsConnector, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS client: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(TlsConnector::from(Arc::new(config)))
+}
+
+/// The system's CA certificates (`SSL_CERT_FILE`, `SSL_CERT_DIR`, else the usual places
+/// such as `/etc/ssl/certs`; the image ships them).
+fn system_roots() -> Result<RootCertStore, String> {
+    let found = rustls_native_certs::load_native_certs();
+    let mut roots = RootCertStore::empty();
+    roots.add_parsable_certificates(found.certs);
+    if roots.is_empty() {
+        let why = found.errors.first().map(|e| format!(" ({e})")).unwrap_or_default();
+        return Err(format!("no CA certificates found on this system{why}; set the hook's ca to a PEM file"));
+    }
+    Ok(roots)
+}
+
+fn file_roots(path: &Path) -> Result<RootCertStore, String> {
+    use rustls::pki_types::pem::PemObject;
+    let pem = std::fs::read(path).map_err(|e| format!("ca {}: cannot read: {e}", path.display()))?;
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        let cert = cert.map_err(|e| format!("ca {}: not valid PEM: {e}", path.display()))?;
+        roots.add(cert).map_err(|e| format!("ca {}: not a usable CA certificate: {e}", path.display()))?;
+    }
+    if roots.is_empty() {
+        return Err(format!("ca {}: no CERTIFICATE block found (PEM expected)", path.display()));
+    }
+    Ok(roots)
 }
 
 /// Both lists, ready to run.
@@ -75,11 +157,14 @@ pub fn expand(text: &str, env: &impl Fn(&str) -> Option<String>) -> Result<Strin
 impl Hooks {
     /// Fills in the templates of `cfg` from `env`; an error names the hook and what is wrong.
     pub fn prepare(cfg: &HooksConfig, env: impl Fn(&str) -> Option<String>) -> Result<Self, String> {
-        let list = |when: When, hooks: &[Hook]| -> Result<Arc<[Call]>, String> {
+        let mut clients = Clients::default();
+        let mut list = |when: When, hooks: &[Hook]| -> Result<Arc<[Call]>, String> {
             hooks
                 .iter()
                 .enumerate()
-                .map(|(i, h)| call(h, &env).map_err(|e| format!("hooks.{}[{}]: {e}", when.as_str(), i + 1)))
+                .map(|(i, h)| {
+                    call(h, &env, &mut clients).map_err(|e| format!("hooks.{}[{}]: {e}", when.as_str(), i + 1))
+                })
                 .collect::<Result<Vec<_>, _>>()
                 .map(Arc::from)
         };
@@ -111,7 +196,7 @@ impl Hooks {
     }
 }
 
-fn call(h: &Hook, env: &impl Fn(&str) -> Option<String>) -> Result<Call, String> {
+fn call(h: &Hook, env: &impl Fn(&str) -> Option<String>, clients: &mut Clients) -> Result<Call, String> {
     let method =
         Method::from_bytes(h.method.as_bytes()).map_err(|_| format!("{:?} is not an HTTP method", h.method))?;
     let url = expand(&h.url, env)?;
@@ -125,15 +210,22 @@ fn call(h: &Hook, env: &impl Fn(&str) -> Option<String>) -> Result<Call, String>
             HeaderValue::from_str(&value).map_err(|_| format!("the value of {name} is not a valid header value"))?;
         headers.push((name, value));
     }
-    Ok(Call { method, uri, headers, body: Bytes::from(expand(&h.body, env)?), timeout: h.timeout.0 })
+    let tls = match uri.scheme_str() {
+        Some("https") => {
+            let host = uri.host().unwrap_or_default().trim_matches(['[', ']']).to_string();
+            let name = ServerName::try_from(host).map_err(|e| format!("url {url:?}: {e}"))?;
+            Some((clients.get(h.ca.as_deref())?, name))
+        }
+        _ => None,
+    };
+    Ok(Call { method, uri, headers, body: Bytes::from(expand(&h.body, env)?), timeout: h.timeout.0, tls })
 }
 
 /// A hook's URL must be `http://host[:port]/...`.
 pub fn check_url(uri: &Uri) -> Result<(), String> {
     match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => return Err("https is not supported (no TLS client); use http://".into()),
-        _ => return Err("must be an absolute http:// URL".into()),
+        Some("http" | "https") => {}
+        _ => return Err("must be an absolute http:// or https:// URL".into()),
     }
     if uri.host().is_none_or(str::is_empty) {
         return Err("has no host".into());
@@ -144,9 +236,24 @@ pub fn check_url(uri: &Uri) -> Result<(), String> {
 /// One call; Ok with the status when the answer is 2xx.
 async fn send(c: &Call) -> Result<http::StatusCode, String> {
     let host = c.uri.host().unwrap_or_default().trim_matches(['[', ']']);
-    let port = c.uri.port_u16().unwrap_or(80);
+    let port = c.uri.port_u16().unwrap_or(if c.tls.is_some() { 443 } else { 80 });
     let stream = tokio::net::TcpStream::connect((host, port)).await.map_err(|e| format!("connect failed: {e}"))?;
     let _ = stream.set_nodelay(true);
+    match &c.tls {
+        None => exchange(c, host, stream).await,
+        Some((connector, name)) => {
+            let stream =
+                connector.connect(name.clone(), stream).await.map_err(|e| format!("TLS handshake failed: {e}"))?;
+            exchange(c, host, stream).await
+        }
+    }
+}
+
+/// One request and its answer over an established connection.
+async fn exchange<T>(c: &Call, host: &str, stream: T) -> Result<http::StatusCode, String>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (mut sender, conn) =
         http1::handshake(TokioIo::new(stream)).await.map_err(|e| format!("handshake failed: {e}"))?;
     let conn = tokio::spawn(conn);
@@ -209,10 +316,11 @@ mod tests {
             headers: Default::default(),
             body: String::new(),
             timeout: crate::config::Dur::secs(2),
+            ca: None,
         };
         let cfg = |url: &str| HooksConfig { on_ready: vec![], on_drain: vec![hook("http://a/ok"), hook(url)] };
-        let err = Hooks::prepare(&cfg("https://registry/x"), env).unwrap_err();
-        assert!(err.starts_with("hooks.on_drain[2]: url \"https://registry/x\": https is not supported"), "{err}");
+        let err = Hooks::prepare(&cfg("ftp://registry/x"), env).unwrap_err();
+        assert!(err.starts_with("hooks.on_drain[2]: url \"ftp://registry/x\": must be an absolute http://"), "{err}");
         let err = Hooks::prepare(&cfg("http://${REGISTRY}/x"), env).unwrap_err();
         assert_eq!(err, "hooks.on_drain[2]: ${REGISTRY} is not set in the environment");
         let ok = Hooks::prepare(&cfg("http://registry:8848/v1/ns/instance?ip=${POD_IP}"), env).unwrap();

@@ -27,6 +27,11 @@ struct Registry {
 
 impl Registry {
     async fn start() -> (Arc<Registry>, SocketAddr) {
+        Self::serve(None).await
+    }
+
+    /// Served over TLS with this acceptor when given (an https:// registry).
+    async fn serve(tls: Option<tokio_rustls::TlsAcceptor>) -> (Arc<Registry>, SocketAddr) {
         let reg = Arc::new(Registry::default());
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
@@ -35,6 +40,7 @@ impl Registry {
             loop {
                 let (s, _) = l.accept().await.unwrap();
                 let r = r.clone();
+                let tls = tls.clone();
                 let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                     let r = r.clone();
                     async move {
@@ -50,7 +56,17 @@ impl Registry {
                         Ok::<_, hyper::Error>(res)
                     }
                 });
-                tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(s), svc));
+                tokio::spawn(async move {
+                    let http = hyper::server::conn::http1::Builder::new();
+                    match tls {
+                        None => http.serve_connection(TokioIo::new(s), svc).await,
+                        Some(tls) => match tls.accept(s).await {
+                            Ok(s) => http.serve_connection(TokioIo::new(s), svc).await,
+                            // A client that does not trust us: nothing to record.
+                            Err(_) => Ok(()),
+                        },
+                    }
+                });
             }
         });
         (reg, addr)
@@ -73,7 +89,7 @@ impl Registry {
 }
 
 fn hook(method: &str, url: String, body: &str) -> Hook {
-    Hook { method: method.into(), url, headers: Default::default(), body: body.into(), timeout: Dur::secs(2) }
+    Hook { method: method.into(), url, headers: Default::default(), body: body.into(), timeout: Dur::secs(2), ca: None }
 }
 
 fn with_hooks(c: &mut Config, registry: SocketAddr) {
@@ -113,4 +129,58 @@ async fn a_template_without_its_variable_stops_start_up() {
     cfg.hooks.on_drain = vec![hook("DELETE", "http://127.0.0.1:1/x?ip=${HOOKS_TEST_UNSET}".into(), "")];
     let err = drainproxy::app::start(cfg, Default::default()).await.err().expect("start-up fails");
     assert_eq!(err.to_string(), "hooks.on_drain[1]: ${HOOKS_TEST_UNSET} is not set in the environment");
+}
+
+/// A self-signed certificate for 127.0.0.1: the acceptor serving it, and its PEM file.
+fn registry_cert(dir: &std::path::Path, name: &str) -> (tokio_rustls::TlsAcceptor, std::path::PathBuf) {
+    let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    let pem = dir.join(format!("{name}.pem"));
+    std::fs::write(&pem, ck.cert.pem()).unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(ck.signing_key.serialize_der().into());
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![ck.cert.der().clone()], key)
+        .unwrap();
+    (tokio_rustls::TlsAcceptor::from(Arc::new(cfg)), pem)
+}
+
+/// An https:// registry is called over TLS, trusting the hook's `ca`; one whose certificate
+/// that CA did not sign is not called, and the hook counts as failed.
+#[tokio::test]
+async fn https_hooks_verify_the_registry_against_their_ca() {
+    let dir = std::env::temp_dir().join(format!("drainproxy-it-hooks-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (acceptor, ca) = registry_cert(&dir, "registry");
+    let (_, other_ca) = registry_cert(&dir, "other");
+    let (registry, addr) = Registry::serve(Some(acceptor)).await;
+    let app = app().await;
+    let p = ready_proxy(app.addr, |c| {
+        let mut trusted = hook("PUT", format!("https://{addr}/register"), "up");
+        trusted.ca = Some(ca.clone());
+        let mut untrusted = hook("PUT", format!("https://{addr}/untrusted"), "");
+        untrusted.ca = Some(other_ca.clone());
+        c.hooks.on_ready = vec![untrusted, trusted];
+    })
+    .await;
+    assert_eq!(registry.wait_for(1).await, ["PUT /register up"]);
+    wait_metric(&p, "drainproxy_hook_calls_total", &[("hook", "on_ready"), ("outcome", "ok")], 1.0).await;
+    let m = metrics(&p).await;
+    let calls =
+        |outcome: &str| metric(&m, "drainproxy_hook_calls_total", &[("hook", "on_ready"), ("outcome", outcome)]);
+    assert_eq!((calls("ok"), calls("failed")), (1.0, 1.0));
+    assert_eq!(registry.calls.lock().unwrap().len(), 1, "the untrusted registry got no request");
+}
+
+#[tokio::test]
+async fn an_unusable_ca_file_stops_start_up() {
+    let app = app().await;
+    let mut cfg = test_config(app.addr);
+    let mut h = hook("DELETE", "https://127.0.0.1:1/x".into(), "");
+    h.ca = Some("/nonexistent/ca.pem".into());
+    cfg.hooks.on_drain = vec![h];
+    let err = drainproxy::app::start(cfg, Default::default()).await.err().expect("start-up fails");
+    assert!(err.to_string().starts_with("hooks.on_drain[1]: ca /nonexistent/ca.pem: cannot read"), "{err}");
 }

@@ -356,6 +356,20 @@ pub async fn metrics(p: &Running) -> String {
     get(p.admin_addr, "/metrics").await.text()
 }
 
+/// Waits (bounded, 10 s) until a metric reaches `at_least`; for counters that move after
+/// the event a test can see (a call answered, a file read).
+pub async fn wait_metric(p: &Running, name: &str, labels: &[(&str, &str)], at_least: f64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = metric(&metrics(p).await, name, labels);
+        if got >= at_least {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{name}{labels:?} stayed at {got}, expected {at_least}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// The path of the real binary built by cargo for these tests.
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_drainproxy")

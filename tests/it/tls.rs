@@ -157,18 +157,8 @@ fn replace(from: &Path, to: &Path) {
     std::fs::rename(&tmp, to).unwrap();
 }
 
-/// Waits (bounded) until the reload counter with `outcome` reaches `n`.
 async fn wait_reloads(p: &Running, outcome: &str, n: f64) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let m = metrics(p).await;
-        let got = metric(&m, "drainproxy_tls_certificate_reloads_total", &[("outcome", outcome)]);
-        if got >= n {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{outcome} reloads stayed at {got}, expected {n}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_metric(p, "drainproxy_tls_certificate_reloads_total", &[("outcome", outcome)], n).await;
 }
 
 #[tokio::test]
