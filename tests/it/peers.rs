@@ -40,9 +40,10 @@ impl Nginx {
 
 async fn nginx() -> Nginx {
     let bin = need("nginx");
-    let dir = std::env::temp_dir().join(format!("drainproxy-nginx-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
     let port = free_port();
+    // One directory per nginx: tests in one process may each run their own.
+    let dir = std::env::temp_dir().join(format!("drainproxy-nginx-{}-{port}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
     let conf = format!(
         "worker_processes 1; daemon off; pid {d}/nginx.pid; error_log {d}/error.log;\n\
          events {{ worker_connections 1024; }}\n\
@@ -78,17 +79,55 @@ async fn curl_and_h2load_get_only_2xx_through_the_proxy_in_front_of_nginx() {
     let p = proxy(app, |c| c.health.path = Some("/".into())).await;
     wait_phase(&p, Phase::Ready).await;
     let url = format!("http://{}/", p.proxy_addr);
-    for extra in [&[][..], &["--http2-prior-knowledge"][..]] {
+    curl_and_h2load(&url, &[(&[], "200 1.1"), (&["--http2-prior-knowledge"], "200 2")]).await;
+    ngx.stop().await;
+}
+
+/// The same over TLS: curl verifies the certificate and gets HTTP/2 or HTTP/1.1 by ALPN.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_and_h2load_over_tls_get_only_2xx_through_the_proxy_in_front_of_nginx() {
+    let ngx = nginx().await;
+    let app = format!("127.0.0.1:{}", ngx.port).parse().unwrap();
+    let dir = std::env::temp_dir().join(format!("drainproxy-peers-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    let p = proxy(app, |c| {
+        c.health.path = Some("/".into());
+        c.tls = Some(drainproxy::config::TlsConfig {
+            cert: cert.clone(),
+            key,
+            reload_interval: drainproxy::config::Dur::secs(10),
+        });
+    })
+    .await;
+    wait_phase(&p, Phase::Ready).await;
+    let port = p.proxy_addr.port();
+    let url = format!("https://localhost:{port}/");
+    let resolve = format!("localhost:{port}:127.0.0.1");
+    let ca = cert.to_string_lossy().to_string();
+    let verified = ["--cacert", &ca, "--resolve", &resolve];
+    let http11 = ["--cacert", &ca, "--resolve", &resolve, "--http1.1"];
+    // h2load does not verify certificates and resolves localhost itself.
+    curl_and_h2load(&url, &[(&verified, "200 2"), (&http11, "200 1.1")]).await;
+    ngx.stop().await;
+}
+
+/// curl once per `(arguments, "status version")`, then 2,000 requests with h2load over
+/// HTTP/2 and over HTTP/1.1: every one must be answered 2xx.
+async fn curl_and_h2load(url: &str, curls: &[(&[&str], &str)]) {
+    for (extra, want) in curls {
         let out = Command::new(need("curl"))
             .args(["-sS", "-o", "/dev/null", "-w", "%{http_code} %{http_version}"])
-            .args(extra)
-            .arg(&url)
+            .args(*extra)
+            .arg(url)
             .output()
             .await
             .unwrap();
         let line = String::from_utf8_lossy(&out.stdout).to_string();
-        let want = if extra.is_empty() { "200 1.1" } else { "200 2" };
-        assert_eq!(line, want, "curl {extra:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(&line, want, "curl {extra:?}: {}", String::from_utf8_lossy(&out.stderr));
     }
     for h1 in [false, true] {
         let mut cmd = Command::new(need("h2load"));
@@ -96,14 +135,13 @@ async fn curl_and_h2load_get_only_2xx_through_the_proxy_in_front_of_nginx() {
         if h1 {
             cmd.arg("--h1");
         }
-        let out = cmd.arg(&url).output().await.unwrap();
+        let out = cmd.arg(url).output().await.unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(
             text.contains("2000 succeeded") && text.contains("status codes: 2000 2xx"),
-            "h2load (h1={h1}):\n{text}"
+            "h2load {url} (h1={h1}):\n{text}"
         );
     }
-    ngx.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
