@@ -286,3 +286,31 @@ async fn a_websocket_over_tls_echoes_and_its_end_reaches_the_client() {
         tokio::time::timeout(Duration::from_secs(5), async { while let Some(Ok(_)) = ws.next().await {} }).await;
     assert!(ended.is_ok(), "the client never saw the tunnel end");
 }
+
+/// Large bodies stream both ways over TLS on both protocols (flow control, write coalescing
+/// and the TLS layer together).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_bodies_stream_both_ways_over_tls_on_both_protocols() {
+    const N: u64 = 24 << 20;
+    let app = app().await;
+    let dir = tempdir("large");
+    let a = pair(&dir, "a");
+    let p = tls_proxy(app.addr, &a, |_| {}).await;
+    let upload = || {
+        let chunk = bytes::Bytes::from(vec![b'u'; 256 * 1024]);
+        let frames = (0..N / chunk.len() as u64).map(move |_| Ok(hyper::body::Frame::data(chunk.clone())));
+        http_body_util::BodyExt::boxed(http_body_util::StreamBody::new(futures_util::stream::iter(frames)))
+    };
+
+    let mut c = https_h1(connect(p.proxy_addr, &[&a.der], &[b"http/1.1"]).await).await;
+    assert_eq!(c.get(&format!("/bytes?n={N}")).await.body.len() as u64, N);
+    let r = c.send(http::Request::post("/count").header("host", "x").body(upload()).unwrap()).await;
+    assert_eq!(r.text(), N.to_string());
+
+    let (mut h2c, _conn) = https_h2(connect(p.proxy_addr, &[&a.der], &[b"h2"]).await).await;
+    let r = read(h2c.send_request(h2_get(p.proxy_addr, &format!("/bytes?n={N}"))).await.unwrap()).await;
+    assert_eq!(r.body.len() as u64, N);
+    let req = http::Request::post("https://localhost/count").body(upload()).unwrap();
+    let r = read(h2c.send_request(req).await.unwrap()).await;
+    assert_eq!(r.text(), N.to_string());
+}
