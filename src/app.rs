@@ -104,6 +104,7 @@ pub async fn start(cfg: Config, opts: StartOptions) -> anyhow::Result<Running> {
     tasks.0.push(upstream.spawn_reaper());
     tasks.0.push(tokio::spawn(releases.watchdog()));
     if let Some(reloader) = reloader {
+        reloader.report(&metrics);
         tasks.0.push(tokio::spawn(reloader.run(metrics.clone())));
     }
     tasks.0.push(tokio::spawn(admin::serve(admin_listener, admin, std::future::pending::<()>())));

@@ -53,6 +53,7 @@ pub struct Metrics {
     pub tls_handshakes: [IntCounter; 3],
     /// `[ok, failed]`.
     pub tls_reloads: [IntCounter; 2],
+    pub tls_not_after: Gauge,
 }
 
 /// The `outcome` label of `drainproxy_tls_handshakes_total`.
@@ -174,6 +175,11 @@ impl Metrics {
         )?;
         reg(Box::new(reloads_vec.clone()))?;
         let tls_reloads = ["ok", "failed"].map(|o| reloads_vec.with_label_values(&[o]));
+        let tls_not_after = Gauge::new(
+            "tls_certificate_expiry_timestamp_seconds",
+            "notAfter of the certificate the listener serves, as a Unix time (alert well before it)",
+        )?;
+        reg(Box::new(tls_not_after.clone()))?;
 
         let build = IntGaugeVec::new(Opts::new("build_info", "Build information"), &["version"])?;
         reg(Box::new(build.clone()))?;
@@ -199,6 +205,7 @@ impl Metrics {
             hook_calls,
             tls_handshakes,
             tls_reloads,
+            tls_not_after,
         })
     }
 

@@ -130,6 +130,11 @@ pub struct Reloader {
 }
 
 impl Reloader {
+    /// Exports and logs the expiry of the pair loaded at start-up.
+    pub fn report(&self, metrics: &Metrics) {
+        report(&self.served.get(), metrics);
+    }
+
     /// Runs until aborted; returns at once when `reload_interval` is `0s`.
     pub async fn run(self, metrics: Arc<Metrics>) {
         let every = self.cfg.reload_interval.0;
@@ -150,6 +155,7 @@ impl Reloader {
             match &now {
                 Ok(files) => match certified_key(&self.cfg, files, &self.provider) {
                     Ok(key) => {
+                        report(&key, &metrics);
                         self.served.set(key);
                         metrics.tls_reloads[0].inc();
                         info!(cert = %self.cfg.cert.display(), "tls: certificate files changed; new handshakes use the new pair");
@@ -167,6 +173,91 @@ impl Reloader {
             seen = now;
         }
     }
+}
+
+/// Exports the served certificate's expiry, and logs it: a warning when it is past or
+/// less than a week away (a renewal that is not happening).
+fn report(key: &CertifiedKey, metrics: &Metrics) {
+    let Some(not_after) = key.end_entity_cert().ok().and_then(|c| not_after(c)) else {
+        warn!(
+            "tls: the certificate's expiry could not be read; drainproxy_tls_certificate_expiry_timestamp_seconds is 0"
+        );
+        metrics.tls_not_after.set(0.0);
+        return;
+    };
+    metrics.tls_not_after.set(not_after as f64);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+    let days = (not_after - now) as f64 / 86_400.0;
+    let days = (days * 10.0).round() / 10.0;
+    if days <= 0.0 {
+        warn!(expired_days_ago = -days, "tls: the served certificate has expired; clients will refuse it");
+    } else if days < 7.0 {
+        warn!(expires_in_days = days, "tls: the served certificate expires within a week");
+    } else {
+        info!(expires_in_days = days, "tls: serving the certificate");
+    }
+}
+
+/// The leaf certificate's `notAfter`, in seconds since the Unix epoch (RFC 5280 §4.1:
+/// Certificate → tbsCertificate → validity, after the optional version, the serial number,
+/// the signature algorithm and the issuer). `None` when the DER does not have that shape.
+pub fn not_after(cert: &[u8]) -> Option<i64> {
+    let (_, tbs, _) = der(cert)?; // Certificate
+    let (_, mut rest, _) = der(tbs)?; // tbsCertificate's contents
+    let (tag, _, after) = der(rest)?;
+    if tag == 0xa0 {
+        rest = after; // [0] version
+    }
+    for _ in 0..3 {
+        rest = der(rest)?.2; // serialNumber, signature, issuer
+    }
+    let (_, validity, _) = der(rest)?;
+    let (_, _, validity) = der(validity)?; // notBefore
+    let (tag, time, _) = der(validity)?;
+    let time = std::str::from_utf8(time).ok()?;
+    let (year, rest) = match tag {
+        0x17 => {
+            // UTCTime, YYMMDDHHMMSSZ: 50-99 are 19xx.
+            let yy: i64 = time.get(..2)?.parse().ok()?;
+            (if yy >= 50 { 1900 + yy } else { 2000 + yy }, time.get(2..)?)
+        }
+        0x18 => (time.get(..4)?.parse().ok()?, time.get(4..)?), // GeneralizedTime
+        _ => return None,
+    };
+    let field = |i: usize| -> Option<i64> { rest.get(i..i + 2)?.parse().ok() };
+    let (month, day, hour, min, sec) = (field(0)?, field(2)?, field(4)?, field(6)?, field(8)?);
+    if rest.get(10..) != Some("Z") {
+        return None;
+    }
+    Some(days_from_civil(year, month, day) * 86_400 + hour * 3_600 + min * 60 + sec)
+}
+
+/// One DER element: (tag, contents, what follows).
+fn der(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, b) = b.split_first()?;
+    let (&first, mut b) = b.split_first()?;
+    let len = if first < 0x80 {
+        usize::from(first)
+    } else {
+        let n = usize::from(first & 0x7f);
+        if n == 0 || n > 4 || b.len() < n {
+            return None;
+        }
+        let len = b[..n].iter().fold(0usize, |acc, &x| (acc << 8) | usize::from(x));
+        b = &b[n..];
+        len
+    };
+    (b.len() >= len).then(|| (tag, &b[..len], &b[len..]))
+}
+
+/// Days from 1970-01-01 to a date of the proleptic Gregorian calendar.
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
 }
 
 #[cfg(test)]
@@ -187,6 +278,25 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         dir
+    }
+
+    #[test]
+    fn not_after_is_read_from_the_certificate() {
+        for (date, unix) in [
+            ((2031, 7, 14), 1_941_753_600),
+            ((2049, 12, 31), 2_524_521_600),
+            ((2050, 1, 1), 2_524_608_000), // GeneralizedTime from 2050 on
+            ((1999, 3, 1), 920_246_400),
+        ] {
+            let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+            params.not_after = rcgen::date_time_ymd(date.0, date.1, date.2);
+            let key = rcgen::KeyPair::generate().unwrap();
+            let cert = params.self_signed(&key).unwrap();
+            assert_eq!(not_after(cert.der()), Some(unix), "{date:?}");
+        }
+        assert_eq!(not_after(b"\x30\x03\x02\x01"), None, "truncated");
+        assert_eq!(days_from_civil(1970, 1, 1), 0);
+        assert_eq!(days_from_civil(2000, 3, 1), 11_017);
     }
 
     #[test]

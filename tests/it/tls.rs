@@ -26,12 +26,26 @@ struct Pair {
 }
 
 fn pair(dir: &Path, name: &str) -> Pair {
-    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    pair_until(dir, name, 2040)
+}
+
+/// Valid until January 1st of `year`.
+fn pair_until(dir: &Path, name: &str, year: i32) -> Pair {
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    params.not_after = rcgen::date_time_ymd(year, 1, 1);
+    let signing_key = rcgen::KeyPair::generate().unwrap();
+    let c = params.self_signed(&signing_key).unwrap();
     let cert = dir.join(format!("{name}.crt"));
     let key = dir.join(format!("{name}.key"));
-    std::fs::write(&cert, ck.cert.pem()).unwrap();
-    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
-    Pair { cert, key, der: ck.cert.der().clone() }
+    std::fs::write(&cert, c.pem()).unwrap();
+    std::fs::write(&key, signing_key.serialize_pem()).unwrap();
+    Pair { cert, key, der: c.der().clone() }
+}
+
+/// January 1st of `year`, 00:00 UTC, as a Unix time.
+fn new_year(year: i32) -> f64 {
+    let days: i64 = (1970..year).map(|y| if (y % 4 == 0 && y % 100 != 0) || y % 400 == 0 { 366 } else { 365 }).sum();
+    (days * 86_400) as f64
 }
 
 fn tempdir(name: &str) -> PathBuf {
@@ -165,7 +179,7 @@ async fn wait_reloads(p: &Running, outcome: &str, n: f64) {
 async fn a_rotated_certificate_is_served_from_the_next_handshake_and_a_half_rotation_is_not() {
     let app = app().await;
     let dir = tempdir("rotate");
-    let (a, b) = (pair(&dir, "a"), pair(&dir, "b"));
+    let (a, b) = (pair_until(&dir, "a", 2035), pair_until(&dir, "b", 2045));
     let served = Pair { cert: dir.join("tls.crt"), key: dir.join("tls.key"), der: a.der.clone() };
     replace(&a.cert, &served.cert);
     replace(&a.key, &served.key);
@@ -177,6 +191,8 @@ async fn a_rotated_certificate_is_served_from_the_next_handshake_and_a_half_rota
     let old = connect(p.proxy_addr, &both, &[b"http/1.1"]).await;
     assert_eq!(served_cert(&old), a.der);
     let mut old = https_h1(old).await;
+    let expiry = |m: &str| metric(m, "drainproxy_tls_certificate_expiry_timestamp_seconds", &[]);
+    assert_eq!(expiry(&metrics(&p).await), new_year(2035));
 
     // Halfway: the new certificate, the old key. The old pair stays in service.
     replace(&b.cert, &served.cert);
@@ -189,6 +205,7 @@ async fn a_rotated_certificate_is_served_from_the_next_handshake_and_a_half_rota
     assert_eq!(old.get("/").await.status, 200, "a connection made before the rotation goes on");
     let m = metrics(&p).await;
     assert_eq!(metric(&m, "drainproxy_tls_certificate_reloads_total", &[("outcome", "failed")]), 1.0, "logged once");
+    assert_eq!(expiry(&m), new_year(2045), "the expiry follows the served certificate");
 }
 
 #[tokio::test]
