@@ -93,20 +93,21 @@ async fn https_h2(
     (sender, tokio::spawn(conn))
 }
 
-async fn tls_proxy(app: SocketAddr, p: &Pair, tweak: impl FnOnce(&mut Config)) -> Running {
-    ready_proxy(app, |c| {
-        with_tls(c, p);
+/// The test app, a certificate pair in a directory of its own, and a ready proxy serving it.
+async fn tls_proxy(name: &str, tweak: impl FnOnce(&mut Config)) -> (App, Pair, Running) {
+    let app = app().await;
+    let a = pair(&tempdir(name), "a");
+    let p = ready_proxy(app.addr, |c| {
+        with_tls(c, &a);
         tweak(c);
     })
-    .await
+    .await;
+    (app, a, p)
 }
 
 #[tokio::test]
 async fn alpn_picks_http2_or_http1_and_both_reach_the_app() {
-    let app = app().await;
-    let dir = tempdir("alpn");
-    let a = pair(&dir, "a");
-    let p = tls_proxy(app.addr, &a, |_| {}).await;
+    let (_app, a, p) = tls_proxy("alpn", |_| {}).await;
 
     let s = connect(p.proxy_addr, &[&a.der], &[b"h2", b"http/1.1"]).await;
     assert_eq!(s.get_ref().1.alpn_protocol(), Some(&b"h2"[..]), "h2 is preferred");
@@ -131,10 +132,7 @@ async fn alpn_picks_http2_or_http1_and_both_reach_the_app() {
 
 #[tokio::test]
 async fn the_drain_closes_tls_http1_and_sends_goaway_on_tls_http2() {
-    let app = app().await;
-    let dir = tempdir("drain");
-    let a = pair(&dir, "a");
-    let p = tls_proxy(app.addr, &a, |c| c.drain.min_delay = Dur::secs(2)).await;
+    let (app, a, p) = tls_proxy("drain", |c| c.drain.min_delay = Dur::secs(2)).await;
 
     let mut c = https_h1(connect(p.proxy_addr, &[&a.der], &[b"http/1.1"]).await).await;
     assert!(c.get("/").await.headers.get("connection").is_none());
@@ -210,10 +208,7 @@ async fn a_rotated_certificate_is_served_from_the_next_handshake_and_a_half_rota
 
 #[tokio::test]
 async fn plain_http_on_the_tls_port_gets_a_400_that_says_so() {
-    let app = app().await;
-    let dir = tempdir("plain");
-    let a = pair(&dir, "a");
-    let p = tls_proxy(app.addr, &a, |_| {}).await;
+    let (app, _a, p) = tls_proxy("plain", |_| {}).await;
     let mut s = TcpStream::connect(p.proxy_addr).await.unwrap();
     s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
     let mut got = String::new();
@@ -230,10 +225,7 @@ async fn plain_http_on_the_tls_port_gets_a_400_that_says_so() {
 
 #[tokio::test]
 async fn a_connection_that_never_finishes_its_handshake_is_closed_at_header_read_timeout() {
-    let app = app().await;
-    let dir = tempdir("silent");
-    let a = pair(&dir, "a");
-    let p = tls_proxy(app.addr, &a, |c| c.limits.header_read_timeout = Dur::millis(300)).await;
+    let (_app, _a, p) = tls_proxy("silent", |c| c.limits.header_read_timeout = Dur::millis(300)).await;
     let mut silent = TcpStream::connect(p.proxy_addr).await.unwrap();
     // A handshake record's first byte, then nothing.
     silent.write_all(&[0x16]).await.unwrap();
@@ -286,10 +278,7 @@ fn check_names_the_tls_field_and_file_it_cannot_use() {
 #[tokio::test]
 async fn a_websocket_over_tls_echoes_and_its_end_reaches_the_client() {
     use futures_util::{SinkExt, StreamExt};
-    let app = app().await;
-    let dir = tempdir("wss");
-    let a = pair(&dir, "a");
-    let p = tls_proxy(app.addr, &a, |_| {}).await;
+    let (_app, a, p) = tls_proxy("wss", |_| {}).await;
     let s = connect(p.proxy_addr, &[&a.der], &[b"http/1.1"]).await;
     let (mut ws, res) = tokio_tungstenite::client_async("wss://localhost/ws", s).await.unwrap();
     assert_eq!(res.status(), 101);
@@ -309,10 +298,7 @@ async fn a_websocket_over_tls_echoes_and_its_end_reaches_the_client() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_bodies_stream_both_ways_over_tls_on_both_protocols() {
     const N: u64 = 24 << 20;
-    let app = app().await;
-    let dir = tempdir("large");
-    let a = pair(&dir, "a");
-    let p = tls_proxy(app.addr, &a, |_| {}).await;
+    let (_app, a, p) = tls_proxy("large", |_| {}).await;
     let upload = || {
         let chunk = bytes::Bytes::from(vec![b'u'; 256 * 1024]);
         let frames = (0..N / chunk.len() as u64).map(move |_| Ok(hyper::body::Frame::data(chunk.clone())));
