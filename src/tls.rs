@@ -62,6 +62,14 @@ pub fn load(cfg: &TlsConfig) -> Result<(TlsAcceptor, Reloader), TlsError> {
     let mut config = config;
     // h2 first: a client offering both gets HTTP/2, as from any TLS front end.
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // Session tickets (keys rotated every 6 hours, held in memory only): a client that
+    // reconnects resumes without a full handshake, on any number of connections, where the
+    // default server-side cache remembers 256 sessions.
+    config.ticketer = rustls::crypto::ring::Ticketer::new().map_err(|e| TlsError {
+        field: "tls",
+        path: cfg.cert.clone(),
+        message: format!("session tickets: {e}"),
+    })?;
     let reloader = Reloader { cfg: cfg.clone(), provider, served, files };
     Ok((TlsAcceptor::from(Arc::new(config)), reloader))
 }

@@ -61,6 +61,10 @@ fn with_tls(c: &mut Config, p: &Pair) {
 
 /// A TLS client that trusts `trusted` and offers `alpn`.
 async fn connect(addr: SocketAddr, trusted: &[&CertificateDer<'static>], alpn: &[&[u8]]) -> TlsStream<TcpStream> {
+    connect_with(addr, &client_config(trusted, alpn)).await
+}
+
+fn client_config(trusted: &[&CertificateDer<'static>], alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     for c in trusted {
         roots.add((*c).clone()).unwrap();
@@ -72,9 +76,14 @@ async fn connect(addr: SocketAddr, trusted: &[&CertificateDer<'static>], alpn: &
         .with_root_certificates(roots)
         .with_no_client_auth();
     cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Arc::new(cfg)
+}
+
+/// A TLS connection made with `cfg`, whose session cache lets later ones resume.
+async fn connect_with(addr: SocketAddr, cfg: &Arc<rustls::ClientConfig>) -> TlsStream<TcpStream> {
     let tcp = TcpStream::connect(addr).await.unwrap();
     let name = ServerName::try_from("localhost").unwrap();
-    TlsConnector::from(Arc::new(cfg)).connect(name, tcp).await.expect("TLS handshake")
+    TlsConnector::from(cfg.clone()).connect(name, tcp).await.expect("TLS handshake")
 }
 
 fn served_cert(s: &TlsStream<TcpStream>) -> CertificateDer<'static> {
@@ -128,6 +137,27 @@ async fn alpn_picks_http2_or_http1_and_both_reach_the_app() {
     let m = metrics(&p).await;
     assert_eq!(metric(&m, "drainproxy_tls_handshakes_total", &[("outcome", "ok")]), 3.0);
     assert_eq!(metric(&m, "drainproxy_connections_open", &[("protocol", "http2")]), 1.0);
+}
+
+/// A client that comes back resumes its session without a full handshake, however many
+/// other clients came in between: sessions live in tickets the clients hold, not in a
+/// server-side cache (rustls' default remembers 256).
+#[tokio::test]
+async fn a_returning_client_resumes_its_session_after_many_others() {
+    let (_app, a, p) = tls_proxy("resume", |_| {}).await;
+    let session = |cfg: Arc<rustls::ClientConfig>| async move {
+        let s = connect_with(p.proxy_addr, &cfg).await;
+        let kind = s.get_ref().1.handshake_kind();
+        // The ticket comes after the handshake: one exchange makes sure the client read it.
+        assert_eq!(https_h1(s).await.get("/").await.status, 200);
+        kind
+    };
+    let first = client_config(&[&a.der], &[b"http/1.1"]);
+    assert_eq!(session(first.clone()).await, Some(rustls::HandshakeKind::Full));
+    for _ in 0..300 {
+        session(client_config(&[&a.der], &[b"http/1.1"])).await;
+    }
+    assert_eq!(session(first).await, Some(rustls::HandshakeKind::Resumed));
 }
 
 #[tokio::test]
