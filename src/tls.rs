@@ -50,7 +50,7 @@ struct Files {
 /// Reads the files and builds the listener's acceptor; the [`Reloader`] keeps its
 /// certificate current. Also what `drainproxy check` runs.
 pub fn load(cfg: &TlsConfig) -> Result<(TlsAcceptor, Reloader), TlsError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(server_provider());
     let files = read(cfg)?;
     let key = certified_key(cfg, &files, &provider)?;
     let served = Arc::new(Served(RwLock::new(key)));
@@ -60,6 +60,8 @@ pub fn load(cfg: &TlsConfig) -> Result<(TlsAcceptor, Reloader), TlsError> {
         .with_no_client_auth()
         .with_cert_resolver(served.clone());
     let mut config = config;
+    // Our order of cipher suites, not the client's (see `server_provider`).
+    config.ignore_client_order = true;
     // h2 first: a client offering both gets HTTP/2, as from any TLS front end.
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     // Session tickets (keys rotated every 6 hours, held in memory only): a client that
@@ -72,6 +74,31 @@ pub fn load(cfg: &TlsConfig) -> Result<(TlsAcceptor, Reloader), TlsError> {
     })?;
     let reloader = Reloader { cfg: cfg.clone(), provider, served, files };
     Ok((TlsAcceptor::from(Arc::new(config)), reloader))
+}
+
+/// The ring provider with AES-128-GCM ahead of AES-256-GCM, TLS 1.3 and 1.2 alike. The
+/// suites' key schedules differ: SHA-256 or SHA-384, and ring hashes SHA-384 (SHA-512) in
+/// plain code on AMD CPUs (its vector code is for Intel only), where SHA-256 has the CPU's SHA
+/// instructions. On an AMD EPYC, a new TLS 1.3 connection per request (wrk, OpenSSL, which
+/// asks for AES-256-GCM-SHA384 first) took a median 88 µs of user time and 4,612 req/s with
+/// the client's choice, 84 µs and 4,888 req/s with AES-128-GCM-SHA256 (3 runs each); SHA-512
+/// had been 12% of the proxy's samples. 128-bit AES-GCM is what Go and BoringSSL prefer too;
+/// ChaCha20 stays for clients without AES.
+fn server_provider() -> CryptoProvider {
+    use rustls::crypto::ring::cipher_suite::*;
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider.cipher_suites = vec![
+        TLS13_AES_128_GCM_SHA256,
+        TLS13_AES_256_GCM_SHA384,
+        TLS13_CHACHA20_POLY1305_SHA256,
+        TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+        TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+        TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+        TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+        TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+        TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+    ];
+    provider
 }
 
 fn read(cfg: &TlsConfig) -> Result<Files, TlsError> {

@@ -120,6 +120,9 @@ async fn alpn_picks_http2_or_http1_and_both_reach_the_app() {
 
     let s = connect(p.proxy_addr, &[&a.der], &[b"h2", b"http/1.1"]).await;
     assert_eq!(s.get_ref().1.alpn_protocol(), Some(&b"h2"[..]), "h2 is preferred");
+    // The client lists AES-256-GCM first; the proxy's order wins (`tls::server_provider`).
+    let suite = s.get_ref().1.negotiated_cipher_suite().map(|c| c.suite());
+    assert_eq!(suite, Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256));
     let (mut h2c, _conn) = https_h2(s).await;
     let r = read(h2c.send_request(h2_get(p.proxy_addr, "/")).await.unwrap()).await;
     assert_eq!(r.status, 200);
