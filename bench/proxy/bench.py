@@ -35,12 +35,14 @@ ROOT = Path(__file__).resolve().parents[2]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 APP, APP_H2 = 18080, 18081
 ADMIN = 18101  # drainproxy's admin port in the stack
-PORTS = {  # target -> (http/1.1 port, h2c port)
-    "direct": (APP, APP_H2),
-    "drainproxy": (18100, 18100),
-    "nginx": (18200, 18201),
-    "haproxy": (18300, 18301),
+PORTS = {  # target -> (http/1.1 port, h2c port, TLS port: HTTP/2 or HTTP/1.1 by ALPN)
+    "direct": (APP, APP_H2, None),
+    "drainproxy": (18100, 18100, 18102),
+    "nginx": (18200, 18201, 18202),
+    "haproxy": (18300, 18301, 18302),
 }
+# drainproxy has one listen port: TLS is served by a second process with `tls` set.
+DP_TLS_ADMIN = 18103
 PEERS = ("nginx", "haproxy")
 WORKLOADS = {
     # name: (tool, path, extra)
@@ -51,7 +53,13 @@ WORKLOADS = {
     "POST 16 KiB": ("wrk-post", "/post", []),
     "h2 1 KiB": ("h2load", "/1k", []),
     "new connection per request": ("wrk", "/1k", ["-H", "Connection: close"]),
+    # TLS termination (ECDSA P-256, TLS 1.3), not among the issue's workloads: no direct
+    # figure (the app speaks cleartext) and no target.
+    "TLS h1 1 KiB": ("wrk-tls", "/1k", []),
+    "TLS h2 1 KiB": ("h2load-tls", "/1k", []),
+    "TLS new connection per request": ("wrk-tls", "/1k", ["-H", "Connection: close"]),
 }
+TLS_WORKLOADS = [w for w, (tool, _, _) in WORKLOADS.items() if tool.endswith("-tls")]
 
 
 def sh(*cmd, **kw):
@@ -167,6 +175,11 @@ class Stack:
         self.procs = {}
         # nginx workers run as an unprivileged user: they must be able to read and write here.
         os.chmod(tmp, 0o755)
+        # One certificate for every proxy's TLS port; HAProxy wants it and its key in one file.
+        sh(need("openssl"), "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+           "-keyout", str(tmp / "tls.key"), "-out", str(tmp / "tls.crt"), "-days", "2", "-subj", "/CN=localhost")
+        (tmp / "tls.pem").write_text((tmp / "tls.crt").read_text() + (tmp / "tls.key").read_text())
+        os.chmod(tmp / "tls.key", 0o644)  # nginx reads it as root, HAProxy too; a throwaway key
         www = tmp / "www"
         www.mkdir()
         for name, size in (("0", 0), ("1k", 1024), ("16k", 16384), ("1m", 1 << 20)):
@@ -183,32 +196,44 @@ class Stack:
         side.mkdir(mode=0o777)
         (side / "nginx.conf").write_text((common + "http {{ access_log off; keepalive_requests 1000000; " + temp +
             " client_body_buffer_size 64k; upstream app {{ server 127.0.0.1:{a}; keepalive 1024; }}"
-            " server {{ listen 127.0.0.1:{p}; listen 127.0.0.1:{h} http2;"
+            " server {{ listen 127.0.0.1:{p}; listen 127.0.0.1:{h} http2; listen 127.0.0.1:{t} ssl http2;"
+            " ssl_certificate {c}; ssl_certificate_key {k};"
             " location / {{ proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }} }}\n")
-            .format(d=side, a=APP, p=PORTS["nginx"][0], h=PORTS["nginx"][1]))
+            .format(d=side, a=APP, p=PORTS["nginx"][0], h=PORTS["nginx"][1], t=PORTS["nginx"][2],
+                    c=tmp / "tls.crt", k=tmp / "tls.key"))
         (tmp / "haproxy.cfg").write_text(
             "global\n  nbthread 1\n  maxconn 9000\n"
             "defaults\n  mode http\n  timeout connect 2s\n  timeout client 60s\n  timeout server 60s\n"
             "  option http-keep-alive\n"
             f"frontend fe\n  bind 127.0.0.1:{PORTS['haproxy'][0]}\n  bind 127.0.0.1:{PORTS['haproxy'][1]} proto h2\n"
+            f"  bind 127.0.0.1:{PORTS['haproxy'][2]} ssl crt {tmp / 'tls.pem'} alpn h2,http/1.1\n"
             "  default_backend app\n"
             f"backend app\n  http-reuse always\n  server app 127.0.0.1:{APP}\n")
         (tmp / "drainproxy.yaml").write_text(
             f"listen: 127.0.0.1:{PORTS['drainproxy'][0]}\nadmin: 127.0.0.1:{ADMIN}\n"
             f"upstream:\n  address: 127.0.0.1:{APP}\nruntime:\n  threads: 1\nlog:\n  level: warn\n")
-        refuse_taken(APP, APP_H2, ADMIN, *{port for pair in PORTS.values() for port in pair})
+        (tmp / "drainproxy-tls.yaml").write_text(
+            f"listen: 127.0.0.1:{PORTS['drainproxy'][2]}\nadmin: 127.0.0.1:{DP_TLS_ADMIN}\n"
+            f"upstream:\n  address: 127.0.0.1:{APP}\nruntime:\n  threads: 1\nlog:\n  level: warn\n"
+            f"tls:\n  cert: {tmp}/tls.crt\n  key: {tmp}/tls.key\n")
+        refuse_taken(APP, APP_H2, ADMIN, DP_TLS_ADMIN, *{port for ports in PORTS.values() for port in ports if port})
         nginx = need("nginx")
         self.start("app", ["taskset", "-c", "1", nginx, "-c", str(app / "nginx.conf"), "-p", str(app)], APP)
         self.start("nginx", ["taskset", "-c", "1", nginx, "-c", str(side / "nginx.conf"), "-p", str(side)], PORTS["nginx"][0])
         self.start("haproxy", ["taskset", "-c", "1", need("haproxy"), "-f", str(tmp / "haproxy.cfg")], PORTS["haproxy"][0])
         self.start("drainproxy", ["taskset", "-c", "1", str(drainproxy), "--config", str(tmp / "drainproxy.yaml")],
                    PORTS["drainproxy"][0])
+        self.start("drainproxy-tls", ["taskset", "-c", "1", str(drainproxy), "--config", str(tmp / "drainproxy-tls.yaml")],
+                   PORTS["drainproxy"][2])
 
     def start(self, name, cmd, port):
         self.procs[name] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_port(port)
 
-    def pids(self, target):
+    def pids(self, target, workload=None):
+        """The processes serving `target` for `workload` (drainproxy's TLS rows: the TLS one)."""
+        if workload in TLS_WORKLOADS and f"{target}-tls" in self.procs:
+            target = f"{target}-tls"
         return pids_of(self.procs[target]) if target in self.procs else []
 
     def stop(self):
@@ -222,12 +247,13 @@ class Stack:
 
 
 def run_load(workload, ports, seconds, tmp):
-    """(req/s, requests, errors) of one closed-loop run; ports: (HTTP/1.1, h2c)."""
+    """(req/s, requests, errors) of one closed-loop run; ports: (HTTP/1.1, h2c, TLS)."""
     tool, path, extra = WORKLOADS[workload]
-    h1, h2 = ports
-    if tool == "h2load":
-        out = sh("taskset", "-c", "0", need("h2load"), "-c", "32", "-m", "10", "-D", str(seconds),
-                 f"http://127.0.0.1:{h2}{path}").stdout
+    h1, h2, tls = ports
+    base = f"https://127.0.0.1:{tls}" if tool.endswith("-tls") else f"http://127.0.0.1:{h1}"
+    if tool.startswith("h2load"):
+        url = f"https://127.0.0.1:{tls}{path}" if tool.endswith("-tls") else f"http://127.0.0.1:{h2}{path}"
+        out = sh("taskset", "-c", "0", need("h2load"), "-c", "32", "-m", "10", "-D", str(seconds), url).stdout
         m = re.search(r"requests: (\d+) total, \d+ started, \d+ done, (\d+) succeeded", out)
         total, ok = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
         rps = float(re.search(r"finished in [\d.]+s, ([\d.]+) req/s", out).group(1))
@@ -238,7 +264,7 @@ def run_load(workload, ports, seconds, tmp):
         script.write_text('wrk.method = "POST"\nwrk.body = string.rep("x", 16384)\n'
                           'wrk.headers["Content-Type"] = "application/octet-stream"\n')
         cmd += ["-s", str(script)]
-    out = sh(*cmd, f"http://127.0.0.1:{h1}{path}").stdout
+    out = sh(*cmd, f"{base}{path}").stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     n = int(re.search(r"(\d+) requests in", out).group(1))
     errors = sum(int(x) for x in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
@@ -311,7 +337,7 @@ def run_allocators(paths, tmp, args):
             for workload in ("h1 0 B", "h2 1 KiB"):
                 for name, (p, port) in procs.items():
                     before = cpu_ticks([p.pid])
-                    rps, n, _ = run_load(workload, (port, port), args.seconds, tmp)
+                    rps, n, _ = run_load(workload, (port, port, None), args.seconds, tmp)
                     after = cpu_ticks([p.pid])
                     us = sum(after) - sum(before)
                     runs.setdefault((workload, name), []).append((rps, us / CLK_TCK * 1e6 / n if n else None))
@@ -374,7 +400,9 @@ def main():
         for rep in range(args.reps):
             for workload in WORKLOADS:
                 for target in PORTS:
-                    pids = stack.pids(target) if target != "direct" else []
+                    if workload in TLS_WORKLOADS and PORTS[target][2] is None:
+                        continue
+                    pids = stack.pids(target, workload) if target != "direct" else []
                     before, pre_before = cpu_ticks(pids), preemptions(pids)
                     rps, n, errs = run_load(workload, PORTS[target], args.seconds, tmp)
                     after, pre_after = cpu_ticks(pids), preemptions(pids)
@@ -467,6 +495,8 @@ def render(results, latency, errors, memory, allocators, args):
     ]
     ratios, cpu_ratios = {}, {}
     for w in WORKLOADS:
+        if not results.get((w, "drainproxy")):
+            continue  # a run from before this workload existed (--render)
         rps = {t: med([r[0] for r in results.get((w, t), [])]) for t in PORTS}
         user = {t: med([r[1] for r in results.get((w, t), [])]) for t in PORTS}
         system = {t: med([r[2] for r in results.get((w, t), [])]) for t in PORTS}
@@ -522,8 +552,15 @@ def render(results, latency, errors, memory, allocators, args):
               "taskset -c 0 wrk -t1 -c32 -dSs -s post.lua http://127.0.0.1:PORT/post   # 16 KiB POST bodies",
               "taskset -c 0 wrk -t1 -c32 -dSs -H 'Connection: close' http://127.0.0.1:PORT/1k",
               "taskset -c 0 h2load -c32 -m10 -D S http://127.0.0.1:PORT/1k",
+              "taskset -c 0 wrk -t1 -c32 -dSs https://127.0.0.1:PORT/1k      # TLS; also with -H 'Connection: close'",
+              "taskset -c 0 h2load -c32 -m10 -D S https://127.0.0.1:PORT/1k  # TLS, h2 by ALPN",
               "taskset -c 0 oha -z Ss -w -q R -c 32 --latency-correction --no-tui --output-format json --worker-threads 1 http://127.0.0.1:PORT/0",
               "```",
+              "",
+              "The TLS rows use one ECDSA P-256 certificate (`openssl req -x509 -newkey ec`) for all three proxies, each "
+              "offering h2 and http/1.1 by ALPN (nginx `listen ssl http2`, HAProxy `bind ssl crt alpn h2,http/1.1`, "
+              "drainproxy `tls:` in a second process on its own port); clients negotiate TLS 1.3. They are not among "
+              "the issue's workloads and have no target.",
               "",
               "The app, nginx, HAProxy and drainproxy are started with `taskset -c 1`; their configurations are written by "
               "`bench/proxy/bench.py` (class `Stack`). CPU time is read from `/proc/<pid>/stat` (utime, stime) before and "
@@ -554,9 +591,10 @@ def render(results, latency, errors, memory, allocators, args):
     lines += ["", "## Targets", "", "| target | measured | verdict |", "|---|---|---|"]
     for w in ("h1 0 B", "h1 1 KiB"):
         lines.append(f"| throughput ≥ 1.25× the better peer, {w} | {ratios[w]:.2f}× | {check(ratios[w] >= 1.25)} |")
-    others = {w: r for w, r in ratios.items() if w not in ("h1 0 B", "h1 1 KiB")}
+    others = {w: r for w, r in ratios.items() if w not in ("h1 0 B", "h1 1 KiB") and w not in TLS_WORKLOADS}
     worst = min(others, key=others.get)
     lines.append(f"| throughput ≥ 1.0× elsewhere | lowest {others[worst]:.2f}× ({worst}) | {check(others[worst] >= 1.0)} |")
+    cpu_ratios = {w: r for w, r in cpu_ratios.items() if w not in TLS_WORKLOADS}
     worst_cpu = max(cpu_ratios, key=cpu_ratios.get)
     lines.append(f"| CPU per request ≤ 0.8× the better peer | {cpu_ratios['h1 0 B']:.2f}× on h1 0 B; highest {cpu_ratios[worst_cpu]:.2f}× ({worst_cpu}) | "
                  f"{check(all(r <= 0.8 for r in cpu_ratios.values()))} |")
@@ -573,6 +611,8 @@ def chart(results):
     """Horizontal bars: throughput relative to the better peer, per workload."""
     rows = []
     for w in WORKLOADS:
+        if not results.get((w, "drainproxy")):
+            continue
         rps = {t: med([r[0] for r in results.get((w, t), [])]) for t in PORTS}
         best = max(rps[p] for p in PEERS)
         rows.append((w, {t: rps[t] / best for t in ("drainproxy", "nginx", "haproxy")}))
