@@ -195,6 +195,22 @@ async fn the_drain_closes_tls_http1_and_sends_goaway_on_tls_http2() {
     assert_eq!(metric(&m, "drainproxy_drain_connections_closed_total", &[("how", "goaway")]), 1.0);
 }
 
+/// An idle TLS keep-alive (never parked) is closed at `min_delay`, as a cleartext one is.
+#[tokio::test]
+async fn an_idle_tls_keep_alive_is_closed_at_min_delay_and_not_before() {
+    let min_delay = Duration::from_millis(400);
+    let (_app, a, p) = tls_proxy("idle", |c| c.drain.min_delay = Dur(min_delay)).await;
+    let mut c = https_h1(connect(p.proxy_addr, &[&a.der], &[b"http/1.1"]).await).await;
+    assert_eq!(c.get("/").await.status, 200);
+    let t0 = Instant::now();
+    p.events.send(drainproxy::lifecycle::Event::Drain(drainproxy::lifecycle::Trigger::Http)).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), &mut c.conn).await.expect("idle TLS keep-alive closed").ok();
+    let closed_after = t0.elapsed();
+    assert!(closed_after >= min_delay - Duration::from_millis(20), "closed at {closed_after:?}, before min_delay");
+    let m = metrics(&p).await;
+    assert_eq!(metric(&m, "drainproxy_drain_connections_closed_total", &[("how", "idle_close")]), 1.0);
+}
+
 /// Replaces a file in one step, as a Secret volume's symlink swap does.
 fn replace(from: &Path, to: &Path) {
     let tmp = to.with_extension("new");
