@@ -54,12 +54,11 @@ pub fn load(cfg: &TlsConfig) -> Result<(TlsAcceptor, Reloader), TlsError> {
     let files = read(cfg)?;
     let key = certified_key(cfg, &files, &provider)?;
     let served = Arc::new(Served(RwLock::new(key)));
-    let config = rustls::ServerConfig::builder_with_provider(provider.clone())
+    let mut config = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError { field: "tls", path: cfg.cert.clone(), message: e.to_string() })?
         .with_no_client_auth()
         .with_cert_resolver(served.clone());
-    let mut config = config;
     // Our order of cipher suites, not the client's (see `server_provider`).
     config.ignore_client_order = true;
     // h2 first: a client offering both gets HTTP/2, as from any TLS front end.
