@@ -5,7 +5,7 @@
 //! | `GET /live` | 200 while the process serves; never asks the app |
 //! | `GET /ready` | 200 in `ready`, else 503; the body names the phase |
 //! | `GET`/`POST /drain` | starts or joins the drain, blocks until release, 200 + JSON; `?wait=false` answers 202 at once; with `drain.token` set, a request without `Authorization: Bearer <token>` (or `X-Drainproxy-Token: <token>`) gets 401 and changes nothing |
-//! | `GET /status` | JSON: phase, in flight, connections, app health, the current or last drain |
+//! | `GET /status` | JSON: phase, in flight, connections, app health, the current or last drain, the served TLS certificate's expiry |
 //! | `GET /metrics` | Prometheus text format |
 //!
 //! It reads the published state and sends events; it decides nothing itself.
@@ -38,6 +38,8 @@ pub struct Admin {
     /// `drain.token`; empty means `/drain` is open (the kubelet reaches it from the node).
     pub token: String,
     pub header_read_timeout: std::time::Duration,
+    /// The listener terminates TLS: `/status` reports the served certificate.
+    pub tls: bool,
 }
 
 type Res = Response<Full<Bytes>>;
@@ -169,6 +171,8 @@ impl Admin {
                 "idle_pooled": self.upstream.idle_connections(),
             },
             "drain": s.drain,
+            // The served certificate's notAfter (Unix seconds; 0 if it could not be read).
+            "tls": self.tls.then(|| json!({ "certificate_not_after": self.acct.metrics.tls_not_after.get() as i64 })),
             "version": env!("CARGO_PKG_VERSION"),
         })
     }

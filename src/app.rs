@@ -99,6 +99,7 @@ pub async fn start(cfg: Config, opts: StartOptions) -> anyhow::Result<Running> {
         upstream: upstream.clone(),
         token: cfg.drain.token.clone(),
         header_read_timeout: cfg.limits.header_read_timeout.0,
+        tls: cfg.tls.is_some(),
     });
     let mut tasks = Tasks::default();
     tasks.0.push(upstream.spawn_reaper());

@@ -253,6 +253,8 @@ async fn a_rotated_certificate_is_served_from_the_next_handshake_and_a_half_rota
     let m = metrics(&p).await;
     assert_eq!(metric(&m, "drainproxy_tls_certificate_reloads_total", &[("outcome", "failed")]), 1.0, "logged once");
     assert_eq!(expiry(&m), new_year(2045), "the expiry follows the served certificate");
+    let status: serde_json::Value = serde_json::from_slice(&get(p.admin_addr, "/status").await.body).unwrap();
+    assert_eq!(status["tls"]["certificate_not_after"].as_f64(), Some(new_year(2045)));
 }
 
 #[tokio::test]
