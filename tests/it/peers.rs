@@ -88,26 +88,17 @@ async fn curl_and_h2load_get_only_2xx_through_the_proxy_in_front_of_nginx() {
 async fn curl_and_h2load_over_tls_get_only_2xx_through_the_proxy_in_front_of_nginx() {
     let ngx = nginx().await;
     let app = format!("127.0.0.1:{}", ngx.port).parse().unwrap();
-    let dir = std::env::temp_dir().join(format!("drainproxy-peers-tls-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-    let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
-    std::fs::write(&cert, ck.cert.pem()).unwrap();
-    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    let pair = crate::tls::pair(&crate::tls::tempdir("peers"), "a");
     let p = proxy(app, |c| {
         c.health.path = Some("/".into());
-        c.tls = Some(drainproxy::config::TlsConfig {
-            cert: cert.clone(),
-            key,
-            reload_interval: drainproxy::config::Dur::secs(10),
-        });
+        crate::tls::with_tls(c, &pair);
     })
     .await;
     wait_phase(&p, Phase::Ready).await;
     let port = p.proxy_addr.port();
     let url = format!("https://localhost:{port}/");
     let resolve = format!("localhost:{port}:127.0.0.1");
-    let ca = cert.to_string_lossy().to_string();
+    let ca = pair.cert.to_string_lossy().to_string();
     let verified = ["--cacert", &ca, "--resolve", &resolve];
     let http11 = ["--cacert", &ca, "--resolve", &resolve, "--http1.1"];
     // h2load does not verify certificates and resolves localhost itself.

@@ -287,8 +287,15 @@ pub struct H1 {
 }
 
 pub async fn h1(addr: SocketAddr) -> H1 {
-    let stream = TcpStream::connect(addr).await.unwrap();
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    h1_on(TcpStream::connect(addr).await.unwrap()).await
+}
+
+/// An HTTP/1.1 client on a connection already made (TCP, TLS).
+pub async fn h1_on<T>(io: T) -> H1
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await.unwrap();
     H1 { sender, conn: tokio::spawn(conn.with_upgrades()) }
 }
 
@@ -328,9 +335,17 @@ pub async fn get(addr: SocketAddr, path: &str) -> Reply {
 pub async fn h2(
     addr: SocketAddr,
 ) -> (hyper::client::conn::http2::SendRequest<Body>, tokio::task::JoinHandle<hyper::Result<()>>) {
-    let stream = TcpStream::connect(addr).await.unwrap();
-    let (sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await.unwrap();
+    h2_on(TcpStream::connect(addr).await.unwrap()).await
+}
+
+/// An HTTP/2 client on a connection already made (TCP, TLS).
+pub async fn h2_on<T>(
+    io: T,
+) -> (hyper::client::conn::http2::SendRequest<Body>, tokio::task::JoinHandle<hyper::Result<()>>)
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io)).await.unwrap();
     (sender, tokio::spawn(conn))
 }
 

@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use drainproxy::app::Running;
 use drainproxy::config::{Config, Dur, TlsConfig};
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -19,13 +18,13 @@ use tokio_rustls::TlsConnector;
 use crate::support::*;
 
 /// A self-signed certificate for `localhost`, written as PEM files.
-struct Pair {
-    cert: PathBuf,
-    key: PathBuf,
-    der: CertificateDer<'static>,
+pub struct Pair {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub der: CertificateDer<'static>,
 }
 
-fn pair(dir: &Path, name: &str) -> Pair {
+pub fn pair(dir: &Path, name: &str) -> Pair {
     pair_until(dir, name, 2040)
 }
 
@@ -48,14 +47,14 @@ fn new_year(year: i32) -> f64 {
     (days * 86_400) as f64
 }
 
-fn tempdir(name: &str) -> PathBuf {
+pub fn tempdir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("drainproxy-it-tls-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
 
-fn with_tls(c: &mut Config, p: &Pair) {
+pub fn with_tls(c: &mut Config, p: &Pair) {
     c.tls = Some(TlsConfig { cert: p.cert.clone(), key: p.key.clone(), reload_interval: Dur::secs(10) });
 }
 
@@ -90,18 +89,6 @@ fn served_cert(s: &TlsStream<TcpStream>) -> CertificateDer<'static> {
     s.get_ref().1.peer_certificates().expect("a certificate")[0].clone()
 }
 
-async fn https_h1(s: TlsStream<TcpStream>) -> H1 {
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s)).await.unwrap();
-    H1 { sender, conn: tokio::spawn(conn.with_upgrades()) }
-}
-
-async fn https_h2(
-    s: TlsStream<TcpStream>,
-) -> (hyper::client::conn::http2::SendRequest<Body>, tokio::task::JoinHandle<hyper::Result<()>>) {
-    let (sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s)).await.unwrap();
-    (sender, tokio::spawn(conn))
-}
-
 /// The test app, a certificate pair in a directory of its own, and a ready proxy serving it.
 async fn tls_proxy(name: &str, tweak: impl FnOnce(&mut Config)) -> (App, Pair, Running) {
     let app = app().await;
@@ -123,18 +110,18 @@ async fn alpn_picks_http2_or_http1_and_both_reach_the_app() {
     // The client lists AES-256-GCM first; the proxy's order wins (`tls::server_provider`).
     let suite = s.get_ref().1.negotiated_cipher_suite().map(|c| c.suite());
     assert_eq!(suite, Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256));
-    let (mut h2c, _conn) = https_h2(s).await;
+    let (mut h2c, _conn) = h2_on(s).await;
     let r = read(h2c.send_request(h2_get(p.proxy_addr, "/")).await.unwrap()).await;
     assert_eq!(r.status, 200);
 
     let s = connect(p.proxy_addr, &[&a.der], &[b"http/1.1"]).await;
     assert_eq!(s.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
-    let mut c = https_h1(s).await;
+    let mut c = h1_on(s).await;
     assert_eq!(c.get("/").await.status, 200);
     assert_eq!(c.get("/").await.status, 200, "keep-alive over TLS");
 
     // No ALPN at all: the first bytes still tell the protocol.
-    let mut c = https_h1(connect(p.proxy_addr, &[&a.der], &[]).await).await;
+    let mut c = h1_on(connect(p.proxy_addr, &[&a.der], &[]).await).await;
     assert_eq!(c.get("/").await.status, 200);
 
     let m = metrics(&p).await;
@@ -152,7 +139,7 @@ async fn a_returning_client_resumes_its_session_after_many_others() {
         let s = connect_with(p.proxy_addr, &cfg).await;
         let kind = s.get_ref().1.handshake_kind();
         // The ticket comes after the handshake: one exchange makes sure the client read it.
-        assert_eq!(https_h1(s).await.get("/").await.status, 200);
+        assert_eq!(h1_on(s).await.get("/").await.status, 200);
         kind
     };
     let first = client_config(&[&a.der], &[b"http/1.1"]);
@@ -167,9 +154,9 @@ async fn a_returning_client_resumes_its_session_after_many_others() {
 async fn the_drain_closes_tls_http1_and_sends_goaway_on_tls_http2() {
     let (app, a, p) = tls_proxy("drain", |c| c.drain.min_delay = Dur::secs(2)).await;
 
-    let mut c = https_h1(connect(p.proxy_addr, &[&a.der], &[b"http/1.1"]).await).await;
+    let mut c = h1_on(connect(p.proxy_addr, &[&a.der], &[b"http/1.1"]).await).await;
     assert!(c.get("/").await.headers.get("connection").is_none());
-    let (mut h2c, h2conn) = https_h2(connect(p.proxy_addr, &[&a.der], &[b"h2"]).await).await;
+    let (mut h2c, h2conn) = h2_on(connect(p.proxy_addr, &[&a.der], &[b"h2"]).await).await;
     let fut = h2c.send_request(h2_get(p.proxy_addr, "/hold"));
     let held = tokio::spawn(async move { read(fut.await.unwrap()).await });
     app.state.hold.started.notified().await;
@@ -200,7 +187,7 @@ async fn the_drain_closes_tls_http1_and_sends_goaway_on_tls_http2() {
 async fn an_idle_tls_keep_alive_is_closed_at_min_delay_and_not_before() {
     let min_delay = Duration::from_millis(400);
     let (_app, a, p) = tls_proxy("idle", |c| c.drain.min_delay = Dur(min_delay)).await;
-    let mut c = https_h1(connect(p.proxy_addr, &[&a.der], &[b"http/1.1"]).await).await;
+    let mut c = h1_on(connect(p.proxy_addr, &[&a.der], &[b"http/1.1"]).await).await;
     assert_eq!(c.get("/").await.status, 200);
     let t0 = Instant::now();
     p.events.send(drainproxy::lifecycle::Event::Drain(drainproxy::lifecycle::Trigger::Http)).await.unwrap();
@@ -237,7 +224,7 @@ async fn a_rotated_certificate_is_served_from_the_next_handshake_and_a_half_rota
     let both = [&a.der, &b.der];
     let old = connect(p.proxy_addr, &both, &[b"http/1.1"]).await;
     assert_eq!(served_cert(&old), a.der);
-    let mut old = https_h1(old).await;
+    let mut old = h1_on(old).await;
     let expiry = |m: &str| metric(m, "drainproxy_tls_certificate_expiry_timestamp_seconds", &[]);
     assert_eq!(expiry(&metrics(&p).await), new_year(2035));
 
@@ -356,12 +343,12 @@ async fn large_bodies_stream_both_ways_over_tls_on_both_protocols() {
         http_body_util::BodyExt::boxed(http_body_util::StreamBody::new(futures_util::stream::iter(frames)))
     };
 
-    let mut c = https_h1(connect(p.proxy_addr, &[&a.der], &[b"http/1.1"]).await).await;
+    let mut c = h1_on(connect(p.proxy_addr, &[&a.der], &[b"http/1.1"]).await).await;
     assert_eq!(c.get(&format!("/bytes?n={N}")).await.body.len() as u64, N);
     let r = c.send(http::Request::post("/count").header("host", "x").body(upload()).unwrap()).await;
     assert_eq!(r.text(), N.to_string());
 
-    let (mut h2c, _conn) = https_h2(connect(p.proxy_addr, &[&a.der], &[b"h2"]).await).await;
+    let (mut h2c, _conn) = h2_on(connect(p.proxy_addr, &[&a.der], &[b"h2"]).await).await;
     let r = read(h2c.send_request(h2_get(p.proxy_addr, &format!("/bytes?n={N}"))).await.unwrap()).await;
     assert_eq!(r.body.len() as u64, N);
     let req = http::Request::post("https://localhost/count").body(upload()).unwrap();
