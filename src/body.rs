@@ -20,9 +20,10 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use crate::activity::Activity;
+use crate::error::BoxError;
 use crate::lifecycle::Phase;
 use crate::metrics::Metrics;
-use crate::upstream::Pooled;
+use crate::upstream::{AppBody, Pooled};
 
 /// Per client connection: what the idle timeout and the drain's idle close need to know.
 pub struct ConnState {
@@ -424,7 +425,7 @@ fn spawn_read_out(read_out: impl Future<Output = ()> + Send + 'static) {
 }
 
 enum Kind {
-    Upstream(Incoming),
+    Upstream(AppBody),
     Full(Option<Bytes>),
 }
 
@@ -456,7 +457,7 @@ impl ResponseBody {
     /// ends its stream early), so holding that response's end would only let the client's
     /// early end (a malformed stream, reset by h2) overtake it.
     pub fn upstream(
-        body: Incoming,
+        body: AppBody,
         pooled: Option<Pooled>,
         request: Option<Arc<SharedBody>>,
         status: StatusCode,
@@ -489,7 +490,7 @@ impl ResponseBody {
 
     /// Holds the end of a complete response until the request body is done, or for at most
     /// [`HOLD_END_MAX`].
-    fn poll_end(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_end(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let done = self.request.as_ref().is_none_or(|r| r.poll_done(cx).is_ready());
         if !done {
             let held = self.held.get_or_insert_with(|| Box::pin(tokio::time::sleep(HOLD_END_MAX)));
@@ -508,16 +509,17 @@ impl ResponseBody {
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         if this.held.is_some() {
             return this.poll_end(cx);
         }
         let polled = match &mut this.kind {
             Kind::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-            Kind::Upstream(body) => Pin::new(body).poll_frame(cx),
+            Kind::Upstream(AppBody::Hyper(body)) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            Kind::Upstream(AppBody::Lean(body)) => Pin::new(body).poll_frame(cx).map_err(Into::into),
         };
         match &polled {
             Poll::Ready(None) if this.request_open() => return this.poll_end(cx),
@@ -538,7 +540,8 @@ impl Body for ResponseBody {
     fn is_end_stream(&self) -> bool {
         let app_done = match &self.kind {
             Kind::Full(data) => data.is_none(),
-            Kind::Upstream(body) => body.is_end_stream(),
+            Kind::Upstream(AppBody::Hyper(body)) => body.is_end_stream(),
+            Kind::Upstream(AppBody::Lean(body)) => body.is_end_stream(),
         };
         app_done && !self.request_open()
     }
@@ -547,7 +550,8 @@ impl Body for ResponseBody {
         match &self.kind {
             Kind::Full(Some(d)) => SizeHint::with_exact(d.len() as u64),
             Kind::Full(None) => SizeHint::with_exact(0),
-            Kind::Upstream(body) => body.size_hint(),
+            Kind::Upstream(AppBody::Hyper(body)) => body.size_hint(),
+            Kind::Upstream(AppBody::Lean(body)) => body.size_hint(),
         }
     }
 }

@@ -11,6 +11,9 @@ use http::{header, HeaderValue, Response, StatusCode};
 
 use crate::body::ResponseBody;
 
+/// What a failed exchange with the app reports: hyper's errors, or the lean client's.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// The header that marks a response as produced without forwarding the request, so a caller
 /// knows that retrying it is safe even for POST. Its value is the reason.
 pub const NOT_FORWARDED: &str = "x-drainproxy-not-forwarded";
@@ -24,11 +27,11 @@ pub enum ProxyError {
     #[error("connecting to the app failed")]
     Connect(#[source] io::Error),
     #[error("connection to the app closed before the request was written")]
-    NotSent(#[source] hyper::Error),
+    NotSent(#[source] BoxError),
     #[error("the drain has released; not forwarding")]
     Released,
     #[error("the app failed after the request was sent")]
-    Upstream(#[source] hyper::Error),
+    Upstream(#[source] BoxError),
     #[error("the app did not answer within upstream.request_timeout")]
     Timeout,
     /// A method a reverse proxy for one app has no use for: CONNECT asks for a tunnel to an

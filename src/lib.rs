@@ -15,6 +15,7 @@ pub mod goaway;
 pub mod health;
 pub mod hooks;
 pub mod inject;
+pub mod lean;
 pub mod lifecycle;
 pub mod logging;
 pub mod metrics;

@@ -25,7 +25,7 @@ use crate::config::UpstreamProtocol;
 use crate::error::ProxyError;
 use crate::lifecycle::{Phase, State};
 use crate::metrics::CloseHow;
-use crate::upstream::{Pooled, Upstream};
+use crate::upstream::{AppBody, Pooled, Upstream};
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -104,7 +104,7 @@ impl ProxyService {
             self.prepare(&mut req, upgrade, seen);
             if upgrade {
                 // Boxed: rare, and its connect would make every request's future larger.
-                Box::pin(p.upstream.send_upgrade(req)).await.map(|r| (r, None))
+                Box::pin(p.upstream.send_upgrade(req)).await.map(|r| (r.map(AppBody::Hyper), None))
             } else {
                 p.upstream.send(req).await
             }
@@ -205,7 +205,7 @@ impl ProxyService {
 
     fn start_tunnel(
         &self,
-        mut res: Response<Incoming>,
+        mut res: Response<AppBody>,
         client: Option<OnUpgrade>,
         mut guard: RequestGuard,
     ) -> Response<ResponseBody> {
@@ -258,7 +258,7 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
 }
 
 fn into_client_response(
-    res: Response<Incoming>,
+    res: Response<AppBody>,
     pooled: Option<Pooled>,
     request_body: Option<Arc<SharedBody>>,
 ) -> Response<ResponseBody> {

@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{ready, Poll};
 use std::time::{Duration, Instant};
 
+use http_body::Body;
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper::{Request, Response};
@@ -28,11 +29,31 @@ use tracing::debug;
 use crate::body::RequestBody;
 use crate::config::{UpstreamConfig, UpstreamProtocol};
 use crate::error::{connect_error, ProxyError};
+use crate::lean::{self, Conn, ExchangeError, LeanBody};
 use crate::sock::Sock;
 
-struct Idle {
-    sender: http1::SendRequest<RequestBody>,
+struct Idle<C> {
+    conn: C,
     since: Instant,
+}
+
+/// Idle HTTP/1.1 connections: those hyper drives, and those of the lean exchange.
+#[derive(Default)]
+struct Pool {
+    hyper: Vec<Idle<http1::SendRequest<RequestBody>>>,
+    lean: Vec<Idle<Conn>>,
+}
+
+impl Pool {
+    fn len(&self) -> usize {
+        self.hyper.len() + self.lean.len()
+    }
+}
+
+/// The app's response body: from hyper's client, or read by the lean exchange.
+pub enum AppBody {
+    Hyper(Incoming),
+    Lean(LeanBody),
 }
 
 pub struct Upstream {
@@ -42,7 +63,7 @@ pub struct Upstream {
     request_timeout: Option<Duration>,
     idle_timeout: Duration,
     max_idle: usize,
-    idle: Mutex<Vec<Idle>>,
+    idle: Mutex<Pool>,
     h2: tokio::sync::Mutex<Option<http2::SendRequest<RequestBody>>>,
     /// `drainproxy_upstream_connect_resends_total`
     resends: IntCounter,
@@ -70,7 +91,7 @@ impl Upstream {
             request_timeout: cfg.request_timeout.map(|d| d.0),
             idle_timeout: cfg.pool_idle_timeout.0,
             max_idle: cfg.pool_max_idle,
-            idle: Mutex::new(Vec::new()),
+            idle: Mutex::new(Pool::default()),
             h2: tokio::sync::Mutex::new(None),
             resends,
         }
@@ -84,16 +105,49 @@ impl Upstream {
         self.protocol
     }
 
-    /// Sends `req` to the app. For HTTP/1.1 the returned [`Pooled`] must travel with the
-    /// response body.
+    /// Sends `req` to the app. For HTTP/1.1 through hyper the returned [`Pooled`] must travel
+    /// with the response body.
     pub async fn send(
         self: &Arc<Self>,
         req: Request<RequestBody>,
-    ) -> Result<(Response<Incoming>, Option<Pooled>), ProxyError> {
+    ) -> Result<(Response<AppBody>, Option<Pooled>), ProxyError> {
         match self.protocol {
-            UpstreamProtocol::Http1 => self.send_h1(req).await,
+            UpstreamProtocol::Http1 if req.body().is_end_stream() => {
+                self.send_lean(req).await.map(|r| (r.map(AppBody::Lean), None))
+            }
+            UpstreamProtocol::Http1 => {
+                // Boxed: requests with a body are the rarer kind, and hyper's future is large.
+                Box::pin(self.send_h1(req)).await.map(|(r, p)| (r.map(AppBody::Hyper), p))
+            }
             // Boxed: the HTTP/1.1 path is the common one and need not carry this one's size.
-            UpstreamProtocol::H2c => Box::pin(self.send_h2(req)).await.map(|r| (r, None)),
+            UpstreamProtocol::H2c => Box::pin(self.send_h2(req)).await.map(|r| (r.map(AppBody::Hyper), None)),
+        }
+    }
+
+    /// A request without a body, in a lean exchange (see `lean`) on a pooled connection or a
+    /// new one. Retried once on a new connection only when not a byte of it was written.
+    async fn send_lean(self: &Arc<Self>, req: Request<RequestBody>) -> Result<Response<LeanBody>, ProxyError> {
+        let head = lean::encode_head(&req);
+        let mut retried = false;
+        loop {
+            let pooled = if retried { None } else { self.checkout_lean() };
+            let reused = pooled.is_some();
+            let mut conn = match pooled {
+                Some(c) => c,
+                // Boxed: connecting is rare next to reusing, and its future is large.
+                None => Conn::new(Box::pin(self.connect()).await?),
+            };
+            match with_timeout(self.request_timeout, conn.exchange(&head, req.method())).await? {
+                Ok((res, framing, keep_alive)) => {
+                    return Ok(res.map(|()| LeanBody::new(conn, framing, keep_alive, self.clone())));
+                }
+                Err(ExchangeError::NotWritten(e)) if reused => {
+                    debug!(error = %e, "pooled connection failed before the request was written; retrying on a fresh one");
+                    retried = true;
+                }
+                Err(ExchangeError::NotWritten(e)) => return Err(ProxyError::NotSent(e.into())),
+                Err(ExchangeError::Failed(e)) => return Err(ProxyError::Upstream(e.into())),
+            }
         }
     }
 
@@ -102,8 +156,8 @@ impl Upstream {
         let mut sender = self.connect_h1().await?;
         let res = with_timeout(self.request_timeout, sender.try_send_request(req)).await?;
         res.map_err(|mut e| match e.take_message() {
-            Some(_) => ProxyError::NotSent(e.into_error()),
-            None => ProxyError::Upstream(e.into_error()),
+            Some(_) => ProxyError::NotSent(e.into_error().into()),
+            None => ProxyError::Upstream(e.into_error().into()),
         })
     }
 
@@ -128,8 +182,8 @@ impl Upstream {
                         retried = true;
                         req = back;
                     }
-                    Some(_) => return Err(ProxyError::NotSent(e.into_error())),
-                    None => return Err(ProxyError::Upstream(e.into_error())),
+                    Some(_) => return Err(ProxyError::NotSent(e.into_error().into())),
+                    None => return Err(ProxyError::Upstream(e.into_error().into())),
                 },
             }
         }
@@ -147,8 +201,8 @@ impl Upstream {
                         fresh = true;
                         req = back;
                     }
-                    Some(_) => return Err(ProxyError::NotSent(e.into_error())),
-                    None => return Err(ProxyError::Upstream(e.into_error())),
+                    Some(_) => return Err(ProxyError::NotSent(e.into_error().into())),
+                    None => return Err(ProxyError::Upstream(e.into_error().into())),
                 },
             }
         }
@@ -202,16 +256,28 @@ impl Upstream {
     fn checkout(&self) -> Option<http1::SendRequest<RequestBody>> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
-        let mut i = idle.len();
+        let mut i = idle.hyper.len();
         while i > 0 {
             i -= 1;
-            let c = &idle[i];
-            if c.sender.is_closed() || now.saturating_duration_since(c.since) >= self.idle_timeout {
-                idle.swap_remove(i);
+            let c = &idle.hyper[i];
+            if c.conn.is_closed() || now.saturating_duration_since(c.since) >= self.idle_timeout {
+                idle.hyper.swap_remove(i);
                 continue;
             }
-            if c.sender.is_ready() {
-                return Some(idle.swap_remove(i).sender);
+            if c.conn.is_ready() {
+                return Some(idle.hyper.swap_remove(i).conn);
+            }
+        }
+        None
+    }
+
+    /// The most recently used fit lean connection, dropping unfit and expired ones.
+    fn checkout_lean(&self) -> Option<Conn> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        while let Some(mut c) = idle.lean.pop() {
+            if now.saturating_duration_since(c.since) < self.idle_timeout && c.conn.is_fit() {
+                return Some(c.conn);
             }
         }
         None
@@ -223,7 +289,15 @@ impl Upstream {
         }
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         if idle.len() < self.max_idle {
-            idle.push(Idle { sender, since: Instant::now() });
+            idle.hyper.push(Idle { conn: sender, since: Instant::now() });
+        }
+    }
+
+    /// A lean connection whose response has ended, back to the pool.
+    pub fn checkin_lean(&self, conn: Conn) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < self.max_idle {
+            idle.lean.push(Idle { conn, since: Instant::now() });
         }
     }
 
@@ -242,8 +316,10 @@ impl Upstream {
                     let mut idle = me.idle.lock().unwrap_or_else(|p| p.into_inner());
                     let now = Instant::now();
                     let before = idle.len();
+                    let fresh = |since: Instant| now.saturating_duration_since(since) < me.idle_timeout;
                     // Dropping a sender closes its connection (its task ends and frees it).
-                    idle.retain(|c| !c.sender.is_closed() && now.saturating_duration_since(c.since) < me.idle_timeout);
+                    idle.hyper.retain(|c| !c.conn.is_closed() && fresh(c.since));
+                    idle.lean.retain(|c| fresh(c.since));
                     before - idle.len()
                 };
                 if expired > 0 {

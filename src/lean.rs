@@ -1,0 +1,625 @@
+//! A lean HTTP/1.1 exchange with the app for requests without a body (GET, HEAD, most
+//! DELETE and OPTIONS requests): most of a sidecar's traffic.
+//!
+//! hyper's client runs each app connection as a task of its own, hands it each request
+//! through a channel, and gets the response back through another, with the response body in
+//! a third. Per request, that is two task wake-ups and three channel messages, and with
+//! hundreds of app connections a cold channel block for each (`perf`: hyper's
+//! `try_send_request` alone took 2% of the proxy's CPU under HTTP/2 load). A request without
+//! a body needs none of it. The request's own task writes the head on a pooled connection,
+//! reads the response head, then reads the body as the client side asks for it, and puts
+//! the connection back once the body has ended. Requests with a body go through hyper,
+//! because the app may answer while they still upload; so do upgrades.
+//!
+//! Framing follows RFC 9112 §6.3:
+//! - no body for a HEAD request or a 1xx, 204 or 304 response;
+//! - `Transfer-Encoding` ending in `chunked`: chunks, trailers passed on; any other
+//!   `Transfer-Encoding`: the body runs to the connection's end;
+//! - `Content-Length`, which must be a number (all copies equal): that many bytes;
+//! - neither: the body runs to the connection's end.
+//!
+//! A connection goes back to the pool only after an HTTP/1.1 response framed by its length
+//! or by chunks, without `Connection: close`, with nothing after it. Interim responses
+//! (100, 103) are skipped, as hyper does; a 101 to a request that asked for no upgrade is an
+//! error.
+
+use std::future::{poll_fn, Future};
+use std::io;
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll, Waker};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::upstream::Upstream;
+
+/// The first read of an exchange asks for this much; a read that fills its buffer doubles
+/// the next, up to [`MAX_READ`] (a large body goes through in few reads).
+const FIRST_READ: usize = 16 * 1024;
+const MAX_READ: usize = 256 * 1024;
+/// A read buffer larger than this is given back when its connection goes idle.
+const KEEP: usize = 32 * 1024;
+/// The largest response head (or chunk-size line plus trailers) accepted.
+pub const MAX_HEAD: usize = 256 * 1024;
+/// Header fields parsed without a heap allocation; a head with more is parsed again with
+/// room for [`MAX_HEADERS`].
+const STACK_HEADERS: usize = 64;
+const MAX_HEADERS: usize = 1024;
+/// The longest chunk-size line (with its extensions).
+const MAX_CHUNK_LINE: usize = 4096;
+
+/// A connection to the app that is not in an exchange with hyper.
+pub struct Conn {
+    io: TcpStream,
+    buf: BytesMut,
+    read_size: usize,
+}
+
+/// How a response's body is delimited, and how far it has been read.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Framing {
+    /// No body, or all of it read.
+    Done,
+    /// This many bytes left.
+    Length(u64),
+    Chunked(Chunk),
+    /// To the connection's end.
+    ToEnd,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Chunk {
+    /// Expecting a chunk-size line.
+    Size,
+    /// This many bytes left in the current chunk.
+    Data(u64),
+    /// Expecting the CRLF after a chunk's data.
+    DataEnd,
+    /// After the last chunk: trailer fields until an empty line.
+    Trailers(Option<HeaderMap>),
+}
+
+/// Why an exchange failed before its response head was read.
+#[derive(Debug)]
+pub enum ExchangeError {
+    /// Not a byte of the request reached the connection: safe to send again.
+    NotWritten(io::Error),
+    /// The request may have reached the app.
+    Failed(io::Error),
+}
+
+fn invalid(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, format!("app response: {what}"))
+}
+
+impl Conn {
+    pub fn new(io: TcpStream) -> Conn {
+        Conn { io, buf: BytesMut::new(), read_size: FIRST_READ }
+    }
+
+    /// An idle connection is still fit for a request: the app has neither closed it nor sent
+    /// anything since the last response. A system call only when the socket was reported
+    /// readable since (tokio clears that on a short read, which ends most responses).
+    pub fn is_fit(&mut self) -> bool {
+        if !self.buf.is_empty() {
+            return false;
+        }
+        let mut cx = Context::from_waker(Waker::noop());
+        match self.io.poll_read_ready(&mut cx) {
+            Poll::Pending => true,
+            Poll::Ready(Err(_)) => false,
+            Poll::Ready(Ok(())) => {
+                matches!(self.io.try_read(&mut [0u8; 1]), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            }
+        }
+    }
+
+    /// Reads what the socket has into the buffer; 0 at the connection's end.
+    fn poll_read_more(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        self.buf.reserve(self.read_size);
+        let room = self.buf.capacity() - self.buf.len();
+        let read = self.io.read_buf(&mut self.buf);
+        let n = ready!(std::pin::pin!(read).poll(cx))?;
+        if n == room && self.read_size < MAX_READ {
+            self.read_size *= 2;
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    /// Sends a request head (`head`, from [`encode_head`]) and reads the response's head.
+    pub async fn exchange(
+        &mut self,
+        head: &[u8],
+        method: &Method,
+    ) -> Result<(Response<()>, Framing, bool), ExchangeError> {
+        let written = self.io.write(head).await.map_err(ExchangeError::NotWritten)?;
+        if written == 0 {
+            return Err(ExchangeError::NotWritten(io::ErrorKind::WriteZero.into()));
+        }
+        self.io.write_all(&head[written..]).await.map_err(ExchangeError::Failed)?;
+        self.read_head(method).await.map_err(ExchangeError::Failed)
+    }
+
+    async fn read_head(&mut self, method: &Method) -> io::Result<(Response<()>, Framing, bool)> {
+        loop {
+            if !self.buf.is_empty() {
+                if let Some((res, len)) = parse_head(&self.buf)? {
+                    let status = res.status();
+                    let head = self.buf.split_to(len).freeze();
+                    if status.is_informational() {
+                        if status == StatusCode::SWITCHING_PROTOCOLS {
+                            return Err(invalid("101 Switching Protocols to a request without an upgrade"));
+                        }
+                        // 100 Continue, 103 Early Hints: the final response follows.
+                        continue;
+                    }
+                    let res = with_headers(res, &head)?;
+                    let (framing, keep_alive) = framing(method, &res)?;
+                    return Ok((res, framing, keep_alive));
+                }
+                if self.buf.len() >= MAX_HEAD {
+                    return Err(invalid("head larger than 256 KiB"));
+                }
+            }
+            if poll_fn(|cx| self.poll_read_more(cx)).await? == 0 {
+                let what = if self.buf.is_empty() { "closed before responding" } else { "closed mid-head" };
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("app connection {what}")));
+            }
+        }
+    }
+}
+
+/// Where each parsed header's name and value lie in the head.
+type Spans = Vec<(std::ops::Range<usize>, std::ops::Range<usize>)>;
+
+/// The status line of a complete head at the start of `buf`, with the head's length; the
+/// header fields' positions travel in the response's extensions until [`with_headers`].
+fn parse_head(buf: &[u8]) -> io::Result<Option<(Response<Spans>, usize)>> {
+    let mut stack = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; STACK_HEADERS];
+    match parse_into(buf, &mut stack) {
+        Err(e) if e.kind() == io::ErrorKind::OutOfMemory => {
+            let mut heap = Vec::with_capacity(MAX_HEADERS);
+            heap.resize_with(MAX_HEADERS, MaybeUninit::uninit);
+            parse_into(buf, &mut heap)
+        }
+        r => r,
+    }
+}
+
+fn parse_into<'b>(
+    buf: &'b [u8],
+    headers: &mut [MaybeUninit<httparse::Header<'b>>],
+) -> io::Result<Option<(Response<Spans>, usize)>> {
+    let mut res = httparse::Response::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut res, buf, headers) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(io::Error::new(io::ErrorKind::OutOfMemory, "app response: too many header fields"))
+        }
+        Err(e) => return Err(invalid(&e.to_string())),
+    };
+    let status = res.code.and_then(|c| StatusCode::from_u16(c).ok()).ok_or_else(|| invalid("bad status code"))?;
+    let version = if res.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
+    let base = buf.as_ptr() as usize;
+    let span = |s: &[u8]| {
+        let start = s.as_ptr() as usize - base;
+        start..start + s.len()
+    };
+    let spans: Spans = res.headers.iter().map(|h| (span(h.name.as_bytes()), span(h.value))).collect();
+    let mut out = Response::new(spans);
+    *out.status_mut() = status;
+    *out.version_mut() = version;
+    if let Some(reason) = res.reason.filter(|r| Some(*r) != status.canonical_reason()) {
+        if let Ok(r) = hyper::ext::ReasonPhrase::try_from(reason.as_bytes().to_vec()) {
+            out.extensions_mut().insert(r);
+        }
+    }
+    Ok(Some((out, len)))
+}
+
+/// The response with its header fields, values shared with `head` (no copy).
+fn with_headers(res: Response<Spans>, head: &Bytes) -> io::Result<Response<()>> {
+    let (mut parts, spans) = res.into_parts();
+    let mut map = HeaderMap::with_capacity(spans.len());
+    for (name, value) in spans {
+        let name = HeaderName::from_bytes(&head[name]).map_err(|_| invalid("bad header name"))?;
+        let value = HeaderValue::from_maybe_shared(head.slice(value)).map_err(|_| invalid("bad header value"))?;
+        map.append(name, value);
+    }
+    parts.headers = map;
+    Ok(Response::from_parts(parts, ()))
+}
+
+/// How the body of `res`, an answer to `method`, is delimited, and whether the connection
+/// can carry another exchange after it.
+fn framing(method: &Method, res: &Response<()>) -> io::Result<(Framing, bool)> {
+    let h = res.headers();
+    let mut keep_alive = res.version() == Version::HTTP_11 && !has_token(h, &header::CONNECTION, "close");
+    let status = res.status();
+    if method == Method::HEAD || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+        return Ok((Framing::Done, keep_alive));
+    }
+    if h.contains_key(header::TRANSFER_ENCODING) {
+        // Both framings at once is how requests are smuggled: believe the chunks, then close.
+        keep_alive &= !h.contains_key(header::CONTENT_LENGTH);
+        let last = h.get_all(header::TRANSFER_ENCODING).iter().flat_map(|v| v.as_bytes().split(|&b| b == b',')).last();
+        let chunked = last.is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        return Ok(if chunked { (Framing::Chunked(Chunk::Size), keep_alive) } else { (Framing::ToEnd, false) });
+    }
+    let mut length = None;
+    for v in h.get_all(header::CONTENT_LENGTH) {
+        for part in v.as_bytes().split(|&b| b == b',') {
+            let n = parse_decimal(part.trim_ascii()).ok_or_else(|| invalid("bad Content-Length"))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(invalid("conflicting Content-Length values"));
+            }
+            length = Some(n);
+        }
+    }
+    Ok(match length {
+        Some(0) => (Framing::Done, keep_alive),
+        Some(n) => (Framing::Length(n), keep_alive),
+        None => (Framing::ToEnd, false),
+    })
+}
+
+fn parse_decimal(s: &[u8]) -> Option<u64> {
+    if s.is_empty() || s.len() > 19 || !s.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(s.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0')))
+}
+
+fn has_token(h: &HeaderMap, name: &HeaderName, token: &str) -> bool {
+    h.get_all(name)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+}
+
+/// The HTTP/1.1 head of `req`, whose body is empty, as hyper's client writes it: the header
+/// fields as they are (the proxy has already rewritten them), no framing added.
+pub fn encode_head<B>(req: &Request<B>) -> Vec<u8> {
+    use std::io::Write;
+    let h = req.headers();
+    let mut out = Vec::with_capacity(64 + h.len() * 32);
+    out.extend_from_slice(req.method().as_str().as_bytes());
+    out.push(b' ');
+    let _ = write!(out, "{}", req.uri());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in h {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// A response body read from its app connection as it is asked for; the connection goes back
+/// to the pool when the body has ended.
+pub struct LeanBody {
+    conn: Option<Conn>,
+    framing: Framing,
+    keep_alive: bool,
+    upstream: Arc<Upstream>,
+}
+
+impl LeanBody {
+    pub fn new(conn: Conn, framing: Framing, keep_alive: bool, upstream: Arc<Upstream>) -> LeanBody {
+        let mut body = LeanBody { conn: Some(conn), framing, keep_alive, upstream };
+        body.release_if_done();
+        body
+    }
+
+    /// Once the body has ended: the connection back to the pool if it may carry another
+    /// exchange, else closed.
+    fn release_if_done(&mut self) {
+        if self.framing != Framing::Done {
+            return;
+        }
+        if let Some(mut conn) = self.conn.take() {
+            if self.keep_alive && conn.buf.is_empty() {
+                if conn.buf.capacity() > KEEP {
+                    conn.buf = BytesMut::new();
+                }
+                conn.read_size = FIRST_READ;
+                self.upstream.checkin_lean(conn);
+            }
+        }
+    }
+}
+
+impl Framing {
+    /// The next frame from what is buffered: `None` when more must be read first.
+    fn next(&mut self, conn_buf: &mut BytesMut) -> io::Result<Option<Frame<Bytes>>> {
+        loop {
+            match self {
+                Framing::Done => return Ok(None),
+                Framing::Length(left) => {
+                    if conn_buf.is_empty() {
+                        return Ok(None);
+                    }
+                    let take = (*left).min(conn_buf.len() as u64) as usize;
+                    *left -= take as u64;
+                    if *left == 0 {
+                        *self = Framing::Done;
+                    }
+                    return Ok(Some(Frame::data(conn_buf.split_to(take).freeze())));
+                }
+                Framing::ToEnd => {
+                    if conn_buf.is_empty() {
+                        return Ok(None);
+                    }
+                    return Ok(Some(Frame::data(conn_buf.split().freeze())));
+                }
+                Framing::Chunked(chunk) => match chunk {
+                    Chunk::Size => {
+                        let Some(end) = conn_buf.iter().position(|&b| b == b'\n') else {
+                            if conn_buf.len() > MAX_CHUNK_LINE {
+                                return Err(invalid("chunk-size line too long"));
+                            }
+                            return Ok(None);
+                        };
+                        let size = parse_chunk_size(&conn_buf[..end])?;
+                        conn_buf.advance(end + 1);
+                        *chunk = if size == 0 { Chunk::Trailers(None) } else { Chunk::Data(size) };
+                    }
+                    Chunk::Data(left) => {
+                        if conn_buf.is_empty() {
+                            return Ok(None);
+                        }
+                        let take = (*left).min(conn_buf.len() as u64) as usize;
+                        *left -= take as u64;
+                        if *left == 0 {
+                            *chunk = Chunk::DataEnd;
+                        }
+                        return Ok(Some(Frame::data(conn_buf.split_to(take).freeze())));
+                    }
+                    Chunk::DataEnd => match conn_buf.first() {
+                        None => return Ok(None),
+                        Some(b'\n') => {
+                            conn_buf.advance(1);
+                            *chunk = Chunk::Size;
+                        }
+                        Some(b'\r') if conn_buf.len() < 2 => return Ok(None),
+                        Some(b'\r') if conn_buf[1] == b'\n' => {
+                            conn_buf.advance(2);
+                            *chunk = Chunk::Size;
+                        }
+                        Some(_) => return Err(invalid("chunk data longer than its size")),
+                    },
+                    Chunk::Trailers(fields) => {
+                        let Some(end) = conn_buf.iter().position(|&b| b == b'\n') else {
+                            if conn_buf.len() > MAX_HEAD {
+                                return Err(invalid("trailers larger than 256 KiB"));
+                            }
+                            return Ok(None);
+                        };
+                        let line = conn_buf.split_to(end + 1);
+                        let line = line.strip_suffix(b"\n").unwrap_or(&line);
+                        let line = line.strip_suffix(b"\r").unwrap_or(line);
+                        if line.is_empty() {
+                            let fields = fields.take();
+                            *self = Framing::Done;
+                            return Ok(fields.map(Frame::trailers));
+                        }
+                        let (name, value) = parse_field(line)?;
+                        fields.get_or_insert_with(HeaderMap::new).append(name, value);
+                    }
+                },
+            }
+        }
+    }
+}
+
+fn parse_chunk_size(line: &[u8]) -> io::Result<u64> {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    let rest = line[digits..].trim_ascii_start();
+    if digits == 0 || digits > 15 || !(rest.is_empty() || rest[0] == b';') {
+        return Err(invalid("bad chunk size"));
+    }
+    Ok(line[..digits].iter().fold(0u64, |n, &d| n * 16 + u64::from((d as char).to_digit(16).unwrap_or(0))))
+}
+
+fn parse_field(line: &[u8]) -> io::Result<(HeaderName, HeaderValue)> {
+    let colon = line.iter().position(|&b| b == b':').ok_or_else(|| invalid("bad trailer field"))?;
+    let name = HeaderName::from_bytes(&line[..colon]).map_err(|_| invalid("bad trailer name"))?;
+    let value = HeaderValue::from_bytes(line[colon + 1..].trim_ascii()).map_err(|_| invalid("bad trailer value"))?;
+    Ok((name, value))
+}
+
+impl Body for LeanBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<io::Result<Frame<Bytes>>>> {
+        let this = &mut *self;
+        loop {
+            let Some(conn) = this.conn.as_mut() else { return Poll::Ready(None) };
+            let next = this.framing.next(&mut conn.buf);
+            match next {
+                Err(e) => {
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(e)));
+                }
+                Ok(frame) if this.framing == Framing::Done => {
+                    this.release_if_done();
+                    return Poll::Ready(frame.map(Ok));
+                }
+                Ok(Some(frame)) => return Poll::Ready(Some(Ok(frame))),
+                Ok(None) => {}
+            }
+            let conn = this.conn.as_mut().expect("kept above");
+            let n = match ready!(conn.poll_read_more(cx)) {
+                Ok(n) => n,
+                Err(e) => {
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(e)));
+                }
+            };
+            if n == 0 {
+                this.conn = None;
+                if this.framing == Framing::ToEnd {
+                    this.framing = Framing::Done;
+                    return Poll::Ready(None);
+                }
+                return Poll::Ready(Some(Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "app connection closed mid-body",
+                ))));
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.framing == Framing::Done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.framing {
+            Framing::Done => SizeHint::with_exact(0),
+            Framing::Length(n) => SizeHint::with_exact(n),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+impl Drop for LeanBody {
+    fn drop(&mut self) {
+        // hyper drops a body it knows is empty without polling it; one dropped part-way leaves
+        // its connection mid-response, and it is closed.
+        self.release_if_done();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(raw: &str, method: Method) -> io::Result<(Response<()>, Framing, bool, usize)> {
+        let (res, len) = parse_head(raw.as_bytes())?.expect("complete head");
+        let bytes = Bytes::copy_from_slice(&raw.as_bytes()[..len]);
+        let res = with_headers(res, &bytes)?;
+        let (f, k) = framing(&method, &res)?;
+        Ok((res, f, k, len))
+    }
+
+    #[test]
+    fn framing_follows_rfc_9112() {
+        let f = |raw: &str| head(raw, Method::GET).map(|(_, f, k, _)| (f, k));
+        assert_eq!(f("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n").unwrap(), (Framing::Length(5), true));
+        assert_eq!(f("HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\n").unwrap(), (Framing::Length(5), true));
+        assert!(f("HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\n").is_err());
+        assert!(f("HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n").is_err());
+        assert!(f("HTTP/1.1 200 OK\r\ncontent-length: 0x10\r\n\r\n").is_err());
+        assert_eq!(f("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").unwrap(), (Framing::Done, true));
+        assert_eq!(
+            f("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, Chunked\r\n\r\n").unwrap(),
+            (Framing::Chunked(Chunk::Size), true)
+        );
+        // Both framings: chunks win, and the connection is not used again.
+        assert_eq!(
+            f("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n").unwrap(),
+            (Framing::Chunked(Chunk::Size), false)
+        );
+        assert_eq!(f("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n").unwrap(), (Framing::ToEnd, false));
+        assert_eq!(f("HTTP/1.1 200 OK\r\n\r\n").unwrap(), (Framing::ToEnd, false));
+        assert_eq!(f("HTTP/1.1 204 No Content\r\ncontent-length: 7\r\n\r\n").unwrap(), (Framing::Done, true));
+        assert_eq!(f("HTTP/1.1 304 Not Modified\r\n\r\n").unwrap(), (Framing::Done, true));
+        assert_eq!(f("HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 1\r\n\r\n").unwrap().1, false);
+        assert_eq!(f("HTTP/1.0 200 OK\r\ncontent-length: 1\r\n\r\n").unwrap().1, false);
+        let (_, framing_head, _, _) = head("HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\n", Method::HEAD).unwrap();
+        assert_eq!(framing_head, Framing::Done);
+    }
+
+    #[test]
+    fn heads_keep_their_fields_reason_and_length() {
+        let raw = "HTTP/1.1 404 Gone Fishing\r\nx-a: 1\r\nX-A: 2\r\nset-cookie: s=1\r\n\r\nrest";
+        let (res, _, _, len) = head(raw, Method::GET).unwrap();
+        assert_eq!(len, raw.len() - 4);
+        assert_eq!(res.status(), 404);
+        assert_eq!(res.headers().get_all("x-a").iter().collect::<Vec<_>>(), ["1", "2"]);
+        assert_eq!(res.extensions().get::<hyper::ext::ReasonPhrase>().unwrap().as_bytes(), b"Gone Fishing");
+        assert!(parse_head(b"HTTP/1.1 200 OK\r\nx-a: 1\r\n").unwrap().is_none());
+        assert!(parse_head(b"HTTP/1.1 2000 OK\r\n\r\n").is_err());
+        let many: String = (0..300).map(|i| format!("x-{i}: {i}\r\n")).collect();
+        let (res, _, _, _) = head(&format!("HTTP/1.1 200 OK\r\n{many}content-length: 0\r\n\r\n"), Method::GET).unwrap();
+        assert_eq!(res.headers().len(), 301);
+    }
+
+    fn decode(mut framing: Framing, wire: &[u8]) -> (io::Result<Vec<Frame<Bytes>>>, Framing, usize) {
+        // Fed one byte at a time: every state must wait for more at every split.
+        let mut buf = BytesMut::new();
+        let mut frames = Vec::new();
+        for &b in wire {
+            buf.extend_from_slice(&[b]);
+            loop {
+                match framing.next(&mut buf) {
+                    Ok(Some(f)) => frames.push(f),
+                    Ok(None) => break,
+                    Err(e) => return (Err(e), framing, buf.len()),
+                }
+            }
+        }
+        (Ok(frames), framing, buf.len())
+    }
+
+    fn data(frames: &[Frame<Bytes>]) -> Vec<u8> {
+        frames.iter().filter_map(|f| f.data_ref()).flat_map(|d| d.to_vec()).collect()
+    }
+
+    #[test]
+    fn chunks_are_decoded_at_any_split_with_trailers() {
+        let wire = b"5;ext=1\r\nhello\r\n1A \r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\nx-sum: 42\r\nx-b:  two \r\n\r\n";
+        let (frames, framing, left) = decode(Framing::Chunked(Chunk::Size), wire);
+        let frames = frames.unwrap();
+        assert_eq!(data(&frames), b"helloabcdefghijklmnopqrstuvwxyz");
+        let trailers = frames.last().and_then(|f| f.trailers_ref()).expect("trailers");
+        assert_eq!(trailers["x-sum"], "42");
+        assert_eq!(trailers["x-b"], "two");
+        assert_eq!((framing, left), (Framing::Done, 0));
+        // Bare LF line ends, no trailers.
+        let (frames, framing, _) = decode(Framing::Chunked(Chunk::Size), b"3\nabc\n0\n\n");
+        assert_eq!(data(&frames.unwrap()), b"abc");
+        assert_eq!(framing, Framing::Done);
+    }
+
+    #[test]
+    fn bad_chunks_are_errors() {
+        for wire in [&b"z\r\n"[..], b"5\r\nhelloX\r\n", b"10000000000000000\r\n", b"5 x\r\nhello\r\n"] {
+            assert!(decode(Framing::Chunked(Chunk::Size), wire).0.is_err(), "{}", String::from_utf8_lossy(wire));
+        }
+    }
+
+    #[test]
+    fn a_length_ends_exactly_and_leaves_what_follows() {
+        let (frames, framing, left) = decode(Framing::Length(3), b"abcHTTP");
+        assert_eq!(data(&frames.unwrap()), b"abc");
+        assert_eq!((framing, left), (Framing::Done, 4));
+    }
+
+    #[test]
+    fn a_request_head_is_written_as_hyper_writes_it() {
+        let req = Request::builder()
+            .method(Method::DELETE)
+            .uri("/a?b=1")
+            .header("host", "app")
+            .header("x-forwarded-for", "10.0.0.1")
+            .body(())
+            .unwrap();
+        assert_eq!(
+            String::from_utf8(encode_head(&req)).unwrap(),
+            "DELETE /a?b=1 HTTP/1.1\r\nhost: app\r\nx-forwarded-for: 10.0.0.1\r\n\r\n"
+        );
+    }
+}
