@@ -43,8 +43,6 @@ use crate::upstream::Upstream;
 /// the next, up to [`MAX_READ`] (a large body goes through in few reads).
 const FIRST_READ: usize = 16 * 1024;
 const MAX_READ: usize = 256 * 1024;
-/// A read buffer larger than this is given back when its connection goes idle.
-const KEEP: usize = 32 * 1024;
 /// The largest response head (or chunk-size line plus trailers) accepted.
 pub const MAX_HEAD: usize = 256 * 1024;
 /// Header fields parsed without a heap allocation; a head with more is parsed again with
@@ -150,6 +148,9 @@ impl Conn {
         loop {
             if !self.buf.is_empty() {
                 if let Some((res, len)) = parse_head(&self.buf)? {
+                    if len > MAX_HEAD {
+                        return Err(invalid("head larger than 256 KiB"));
+                    }
                     let status = res.status();
                     let head = self.buf.split_to(len).freeze();
                     if status.is_informational() {
@@ -159,8 +160,8 @@ impl Conn {
                         // 100 Continue, 103 Early Hints: the final response follows.
                         continue;
                     }
-                    let res = with_headers(res, &head)?;
-                    let (framing, keep_alive) = framing(method, &res)?;
+                    let mut res = with_headers(res, &head)?;
+                    let (framing, keep_alive) = framing(method, &mut res)?;
                     return Ok((res, framing, keep_alive));
                 }
                 if self.buf.len() >= MAX_HEAD {
@@ -239,7 +240,7 @@ fn with_headers(res: Response<Spans>, head: &Bytes) -> io::Result<Response<()>> 
 
 /// How the body of `res`, an answer to `method`, is delimited, and whether the connection
 /// can carry another exchange after it.
-fn framing(method: &Method, res: &Response<()>) -> io::Result<(Framing, bool)> {
+fn framing(method: &Method, res: &mut Response<()>) -> io::Result<(Framing, bool)> {
     let h = res.headers();
     let mut keep_alive = res.version() == Version::HTTP_11 && !has_token(h, &header::CONNECTION, "close");
     let status = res.status();
@@ -247,8 +248,12 @@ fn framing(method: &Method, res: &Response<()>) -> io::Result<(Framing, bool)> {
         return Ok((Framing::Done, keep_alive));
     }
     if h.contains_key(header::TRANSFER_ENCODING) {
-        // Both framings at once is how requests are smuggled: believe the chunks, then close.
-        keep_alive &= !h.contains_key(header::CONTENT_LENGTH);
+        // Both framings at once is how requests are smuggled: the chunks win, the length is not
+        // passed on (RFC 9112 §6.3), and the connection is not used again.
+        if res.headers_mut().remove(header::CONTENT_LENGTH).is_some() {
+            keep_alive = false;
+        }
+        let h = res.headers();
         let last = h.get_all(header::TRANSFER_ENCODING).iter().flat_map(|v| v.as_bytes().split(|&b| b == b',')).last();
         let chunked = last.is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"));
         return Ok(if chunked { (Framing::Chunked(Chunk::Size), keep_alive) } else { (Framing::ToEnd, false) });
@@ -328,9 +333,8 @@ impl LeanBody {
         }
         if let Some(mut conn) = self.conn.take() {
             if self.keep_alive && conn.buf.is_empty() {
-                if conn.buf.capacity() > KEEP {
-                    conn.buf = BytesMut::new();
-                }
+                // An idle connection holds no buffer (the pool may keep hundreds).
+                conn.buf = BytesMut::new();
                 conn.read_size = FIRST_READ;
                 self.upstream.checkin_lean(conn);
             }
@@ -509,8 +513,8 @@ mod tests {
     fn head(raw: &str, method: Method) -> io::Result<(Response<()>, Framing, bool, usize)> {
         let (res, len) = parse_head(raw.as_bytes())?.expect("complete head");
         let bytes = Bytes::copy_from_slice(&raw.as_bytes()[..len]);
-        let res = with_headers(res, &bytes)?;
-        let (f, k) = framing(&method, &res)?;
+        let mut res = with_headers(res, &bytes)?;
+        let (f, k) = framing(&method, &mut res)?;
         Ok((res, f, k, len))
     }
 
@@ -527,17 +531,17 @@ mod tests {
             f("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, Chunked\r\n\r\n").unwrap(),
             (Framing::Chunked(Chunk::Size), true)
         );
-        // Both framings: chunks win, and the connection is not used again.
-        assert_eq!(
-            f("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n").unwrap(),
-            (Framing::Chunked(Chunk::Size), false)
-        );
+        // Both framings: chunks win, the length goes, and the connection is not used again.
+        let (res, framing, keep_alive, _) =
+            head("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n", Method::GET).unwrap();
+        assert_eq!((framing, keep_alive), (Framing::Chunked(Chunk::Size), false));
+        assert!(!res.headers().contains_key("content-length"));
         assert_eq!(f("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n").unwrap(), (Framing::ToEnd, false));
         assert_eq!(f("HTTP/1.1 200 OK\r\n\r\n").unwrap(), (Framing::ToEnd, false));
         assert_eq!(f("HTTP/1.1 204 No Content\r\ncontent-length: 7\r\n\r\n").unwrap(), (Framing::Done, true));
         assert_eq!(f("HTTP/1.1 304 Not Modified\r\n\r\n").unwrap(), (Framing::Done, true));
-        assert_eq!(f("HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 1\r\n\r\n").unwrap().1, false);
-        assert_eq!(f("HTTP/1.0 200 OK\r\ncontent-length: 1\r\n\r\n").unwrap().1, false);
+        assert!(!f("HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 1\r\n\r\n").unwrap().1);
+        assert!(!f("HTTP/1.0 200 OK\r\ncontent-length: 1\r\n\r\n").unwrap().1);
         let (_, framing_head, _, _) = head("HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\n", Method::HEAD).unwrap();
         assert_eq!(framing_head, Framing::Done);
     }

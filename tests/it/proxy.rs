@@ -852,3 +852,150 @@ async fn a_connection_whose_request_body_is_unfinished_is_not_parked() {
         String::from_utf8_lossy(&rest)
     );
 }
+
+/// An app that answers each request with the bytes `answer` gives for its path, verbatim,
+/// closing the connection after the paths it names; counts the connections that brought a
+/// request (not the proxy's TCP checks).
+async fn scripted_app(
+    answer: fn(&str) -> (&'static [u8], bool),
+) -> (std::net::SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            let count = count.clone();
+            tokio::spawn(async move {
+                let mut first = true;
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => got.extend_from_slice(&buf[..n]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&got[..end]).into_owned();
+                    got.drain(..end + 4);
+                    if std::mem::take(&mut first) {
+                        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    let path = head.split(' ').nth(1).unwrap_or("/").to_string();
+                    let (bytes, close) = answer(&path);
+                    if s.write_all(bytes).await.is_err() || close {
+                        let _ = s.shutdown().await;
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+fn framings(path: &str) -> (&'static [u8], bool) {
+    match path {
+        "/length" => (b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello", false),
+        "/chunked" => (
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n6;x=y\r\n world\r\n0\r\nx-sum: 11\r\n\r\n",
+            false,
+        ),
+        "/interim" => (b"HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", false),
+        "/head" => (b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n", false),
+        "/empty" => (b"HTTP/1.1 204 No Content\r\n\r\n", false),
+        "/to-end" => (b"HTTP/1.1 200 OK\r\n\r\nuntil the end", true),
+        "/both" => (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 99\r\n\r\n2\r\nok\r\n0\r\n\r\n", false),
+        "/extra" => (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokHTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nstale", false),
+        "/bad-length" => (b"HTTP/1.1 200 OK\r\ncontent-length: 12abc\r\n\r\nhello", false),
+        "/switch" => (b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\r\n", false),
+        "/bad-chunk" => (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n", false),
+        _ => (b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n", false),
+    }
+}
+
+/// Bodiless requests take the proxy's own HTTP/1.1 exchange (`lean`): every framing of
+/// RFC 9112 §6.3 reaches the client whole, and the app connection is used again only after
+/// a response framed by its length or chunks with nothing after it.
+#[tokio::test]
+async fn every_http1_response_framing_reaches_the_client_and_only_clean_ends_reuse_the_connection() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let (addr, accepted) = scripted_app(framings).await;
+    let p = proxy(addr, |c| c.health.path = None).await;
+    let mut c = h1(p.proxy_addr).await;
+    for (path, body) in [("/length", "hello"), ("/chunked", "hello world"), ("/interim", "ok"), ("/empty", "")] {
+        let r = c.get(path).await;
+        assert_eq!((r.text().as_str(), r.status.is_success()), (body, true), "{path}");
+    }
+    let head = c.send(Request::head("/head").header("host", "a").body(full(Bytes::new())).unwrap()).await;
+    assert_eq!((head.status.as_u16(), head.headers["content-length"].to_str().unwrap()), (200, "100"));
+    assert_eq!(c.get("/length").await.text(), "hello");
+    assert_eq!(accepted.load(SeqCst), 1, "every clean end reuses the app connection");
+
+    // A body that runs to the connection's end, one framed both ways, and one followed by
+    // bytes nobody asked for: each is whole, and each leaves its connection closed.
+    for (path, body) in [("/to-end", "until the end"), ("/both", "ok"), ("/extra", "ok")] {
+        let before = accepted.load(SeqCst);
+        assert_eq!(c.get(path).await.text(), body, "{path}");
+        assert_eq!(c.get("/length").await.text(), "hello", "after {path}");
+        assert_eq!(accepted.load(SeqCst), before + 1, "{path} is not followed on its connection");
+    }
+
+    // Over HTTP/2, the chunked body's trailers come along.
+    let (mut s, _conn) = h2(p.proxy_addr).await;
+    let res = s.send_request(h2_get(p.proxy_addr, "/chunked")).await.unwrap();
+    let collected = res.into_body().collect().await.unwrap();
+    assert_eq!(collected.trailers().map(|t| t["x-sum"].clone()), Some(http::HeaderValue::from_static("11")));
+    assert_eq!(collected.to_bytes(), "hello world");
+}
+
+#[tokio::test]
+async fn a_response_the_proxy_cannot_frame_is_a_502_or_a_cut_body() {
+    let (addr, _) = scripted_app(framings).await;
+    let p = proxy(addr, |c| c.health.path = None).await;
+    for path in ["/bad-length", "/switch"] {
+        let r = get(p.proxy_addr, path).await;
+        assert_eq!(r.status, 502, "{path}: {}", r.text());
+        assert!(r.headers.get("x-drainproxy-not-forwarded").is_none(), "{path}: the app saw the request");
+    }
+    // The head was fine, so the client's exchange is cut wherever the bad chunk finds it (hyper
+    // sends a head with the body's first bytes): never a whole response.
+    let mut c = h1(p.proxy_addr).await;
+    c.sender.ready().await.unwrap();
+    let res = c.sender.send_request(Request::get("/bad-chunk").header("host", "a").body(full(Bytes::new())).unwrap());
+    if let Ok(res) = res.await {
+        assert!(res.into_body().collect().await.is_err(), "the client must not take a cut body for a whole one");
+    }
+    let m = metrics(&p).await;
+    assert_eq!(metric(&m, "drainproxy_upstream_errors_total", &[("kind", "response")]), 2.0);
+}
+
+/// A response head past 256 KiB is refused; one with more fields than fit the parser's first
+/// try is not.
+#[tokio::test]
+async fn response_heads_are_bounded_in_bytes_not_in_fields() {
+    fn big(path: &str) -> (&'static [u8], bool) {
+        static MANY: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+        static HUGE: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+        let head = |fields: usize, width: usize| {
+            let mut h = b"HTTP/1.1 200 OK\r\n".to_vec();
+            for i in 0..fields {
+                h.extend_from_slice(format!("x-{i}: {}\r\n", "v".repeat(width)).as_bytes());
+            }
+            h.extend_from_slice(b"content-length: 2\r\n\r\nok");
+            h
+        };
+        match path {
+            "/many" => (MANY.get_or_init(|| head(90, 8)), false),
+            _ => (HUGE.get_or_init(|| head(40, 8 * 1024)), false),
+        }
+    }
+    let (addr, _) = scripted_app(big).await;
+    let p = proxy(addr, |c| c.health.path = None).await;
+    let r = get(p.proxy_addr, "/many").await;
+    assert_eq!((r.status.as_u16(), r.headers.len() > 90, r.text().as_str()), (200, true, "ok"));
+    assert_eq!(get(p.proxy_addr, "/huge").await.status, 502);
+}
