@@ -39,9 +39,11 @@ use tokio::net::TcpStream;
 
 use crate::upstream::Upstream;
 
-/// The first read of an exchange asks for this much; a read that fills its buffer doubles
-/// the next, up to [`MAX_READ`] (a large body goes through in few reads).
-const FIRST_READ: usize = 16 * 1024;
+/// The first read of an exchange asks for this much (jemalloc's largest slab-backed size
+/// class is 14 KiB; above it each buffer is an extent of its own, taken under an arena lock);
+/// a read that fills its buffer doubles the next, up to [`MAX_READ`] (a large body goes
+/// through in few reads).
+const FIRST_READ: usize = 8 * 1024;
 const MAX_READ: usize = 256 * 1024;
 /// The largest response head (or chunk-size line plus trailers) accepted.
 pub const MAX_HEAD: usize = 256 * 1024;
@@ -160,8 +162,8 @@ impl Conn {
                         // 100 Continue, 103 Early Hints: the final response follows.
                         continue;
                     }
-                    let mut res = with_headers(res, &head)?;
-                    let (framing, keep_alive) = framing(method, &mut res)?;
+                    let (mut res, fields) = with_headers(res, &head)?;
+                    let (framing, keep_alive) = framing(method, &mut res, fields)?;
                     return Ok((res, framing, keep_alive));
                 }
                 if self.buf.len() >= MAX_HEAD {
@@ -225,50 +227,71 @@ fn parse_into<'b>(
     Ok(Some((out, len)))
 }
 
-/// The response with its header fields, values shared with `head` (no copy).
-fn with_headers(res: Response<Spans>, head: &Bytes) -> io::Result<Response<()>> {
+/// What a response's header fields say about its framing, noted as its header map is built.
+#[derive(Debug, Default)]
+struct Fields {
+    /// `Transfer-Encoding` is present; whether its last coding is `chunked`.
+    chunked: Option<bool>,
+    /// `Content-Length`, all its values equal.
+    length: Option<u64>,
+    /// A `Content-Length` value is not a number, or differs from another.
+    bad_length: bool,
+    /// `Connection: close`.
+    close: bool,
+}
+
+impl Fields {
+    fn note(&mut self, name: &HeaderName, value: &[u8]) {
+        let tokens = || value.split(|&b| b == b',').map(<[u8]>::trim_ascii);
+        if name == header::CONTENT_LENGTH {
+            for n in tokens().map(parse_decimal) {
+                self.bad_length |= n.is_none() || (self.length.is_some() && self.length != n);
+                self.length = n;
+            }
+        } else if name == header::TRANSFER_ENCODING {
+            self.chunked = Some(tokens().next_back().is_some_and(|t| t.eq_ignore_ascii_case(b"chunked")));
+        } else if name == header::CONNECTION {
+            self.close |= tokens().any(|t| t.eq_ignore_ascii_case(b"close"));
+        }
+    }
+}
+
+/// The response with its header fields, values shared with `head` (no copy), and what they say
+/// about its framing.
+fn with_headers(res: Response<Spans>, head: &Bytes) -> io::Result<(Response<()>, Fields)> {
     let (mut parts, spans) = res.into_parts();
     let mut map = HeaderMap::with_capacity(spans.len());
+    let mut fields = Fields::default();
     for (name, value) in spans {
         let name = HeaderName::from_bytes(&head[name]).map_err(|_| invalid("bad header name"))?;
         let value = HeaderValue::from_maybe_shared(head.slice(value)).map_err(|_| invalid("bad header value"))?;
+        fields.note(&name, value.as_bytes());
         map.append(name, value);
     }
     parts.headers = map;
-    Ok(Response::from_parts(parts, ()))
+    Ok((Response::from_parts(parts, ()), fields))
 }
 
-/// How the body of `res`, an answer to `method`, is delimited, and whether the connection
-/// can carry another exchange after it.
-fn framing(method: &Method, res: &mut Response<()>) -> io::Result<(Framing, bool)> {
-    let h = res.headers();
-    let mut keep_alive = res.version() == Version::HTTP_11 && !has_token(h, &header::CONNECTION, "close");
+/// How the body of `res`, an answer to `method` with header `fields`, is delimited, and
+/// whether the connection can carry another exchange after it.
+fn framing(method: &Method, res: &mut Response<()>, fields: Fields) -> io::Result<(Framing, bool)> {
+    let mut keep_alive = res.version() == Version::HTTP_11 && !fields.close;
     let status = res.status();
     if method == Method::HEAD || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
         return Ok((Framing::Done, keep_alive));
     }
-    if h.contains_key(header::TRANSFER_ENCODING) {
+    if let Some(chunked) = fields.chunked {
         // Both framings at once is how requests are smuggled: the chunks win, the length is not
         // passed on (RFC 9112 §6.3), and the connection is not used again.
         if res.headers_mut().remove(header::CONTENT_LENGTH).is_some() {
             keep_alive = false;
         }
-        let h = res.headers();
-        let last = h.get_all(header::TRANSFER_ENCODING).iter().flat_map(|v| v.as_bytes().split(|&b| b == b',')).last();
-        let chunked = last.is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"));
         return Ok(if chunked { (Framing::Chunked(Chunk::Size), keep_alive) } else { (Framing::ToEnd, false) });
     }
-    let mut length = None;
-    for v in h.get_all(header::CONTENT_LENGTH) {
-        for part in v.as_bytes().split(|&b| b == b',') {
-            let n = parse_decimal(part.trim_ascii()).ok_or_else(|| invalid("bad Content-Length"))?;
-            if length.is_some_and(|l| l != n) {
-                return Err(invalid("conflicting Content-Length values"));
-            }
-            length = Some(n);
-        }
+    if fields.bad_length {
+        return Err(invalid("bad or conflicting Content-Length"));
     }
-    Ok(match length {
+    Ok(match fields.length {
         Some(0) => (Framing::Done, keep_alive),
         Some(n) => (Framing::Length(n), keep_alive),
         None => (Framing::ToEnd, false),
@@ -280,13 +303,6 @@ fn parse_decimal(s: &[u8]) -> Option<u64> {
         return None;
     }
     Some(s.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0')))
-}
-
-fn has_token(h: &HeaderMap, name: &HeaderName, token: &str) -> bool {
-    h.get_all(name)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
 }
 
 /// The HTTP/1.1 head of `req`, whose body is empty, as hyper's client writes it: the header
@@ -513,8 +529,8 @@ mod tests {
     fn head(raw: &str, method: Method) -> io::Result<(Response<()>, Framing, bool, usize)> {
         let (res, len) = parse_head(raw.as_bytes())?.expect("complete head");
         let bytes = Bytes::copy_from_slice(&raw.as_bytes()[..len]);
-        let mut res = with_headers(res, &bytes)?;
-        let (f, k) = framing(&method, &mut res)?;
+        let (mut res, fields) = with_headers(res, &bytes)?;
+        let (f, k) = framing(&method, &mut res, fields)?;
         Ok((res, f, k, len))
     }
 
