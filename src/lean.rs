@@ -313,7 +313,16 @@ pub fn encode_head<B>(req: &Request<B>) -> Vec<u8> {
     let mut out = Vec::with_capacity(64 + h.len() * 32);
     out.extend_from_slice(req.method().as_str().as_bytes());
     out.push(b' ');
-    let _ = write!(out, "{}", req.uri());
+    let uri = req.uri();
+    match uri.path_and_query() {
+        // Origin form (the proxy's rewrite makes it so): what `Display` would write, without it.
+        Some(pq) if uri.scheme().is_none() && uri.authority().is_none() => {
+            out.extend_from_slice(pq.as_str().as_bytes())
+        }
+        _ => {
+            let _ = write!(out, "{uri}");
+        }
+    }
     out.extend_from_slice(b" HTTP/1.1\r\n");
     for (name, value) in h {
         out.extend_from_slice(name.as_str().as_bytes());
@@ -641,5 +650,10 @@ mod tests {
             String::from_utf8(encode_head(&req)).unwrap(),
             "DELETE /a?b=1 HTTP/1.1\r\nhost: app\r\nx-forwarded-for: 10.0.0.1\r\n\r\n"
         );
+        for uri in ["*", "http://app:8080/p?q", "/"] {
+            let req = Request::builder().method(Method::OPTIONS).uri(uri).body(()).unwrap();
+            let head = String::from_utf8(encode_head(&req)).unwrap();
+            assert_eq!(head, format!("OPTIONS {} HTTP/1.1\r\n\r\n", req.uri()), "{uri}");
+        }
     }
 }
