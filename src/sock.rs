@@ -6,8 +6,9 @@
 //!   `poll_write_vectored`, and tokio turns that into `writev(2)`, which takes the file-system
 //!   path (`fdget_pos`, `vfs_writev`, `sock_write_iter`) to reach the socket. Most writes of a
 //!   proxied exchange are one buffer (a request head without body, a response head, one body
-//!   chunk); `send(2)` reaches the socket directly. Two or more buffers still go out in one
-//!   `writev(2)`.
+//!   chunk); `send(2)` reaches the socket directly. Two or more buffers of up to 4 KiB in all
+//!   (a small response's head and body) are copied into one and sent the same way; larger
+//!   ones go out in one `writev(2)`.
 //! - **An answer the app sent before closing is read, not lost.** An app may answer a request
 //!   before reading its body (a 413, a 401, a 501) and close the connection. With the body
 //!   unread, its kernel resets the connection, and the proxy's next body write fails. hyper's
@@ -53,7 +54,12 @@ impl Sock {
     }
 }
 
-/// `bufs` with `send(2)` when only one of them is non-empty, else with `writev(2)`.
+/// Buffers this small in all are copied into one and sent with `send(2)`: the copy costs less
+/// than `writev(2)`'s detour. hyper writes a small response as its head and its body.
+const GATHER_MAX: usize = 4096;
+
+/// `bufs` with `send(2)` when only one of them is non-empty or all fit [`GATHER_MAX`], else
+/// with `writev(2)`.
 pub fn write_vectored(
     stream: Pin<&mut TcpStream>,
     cx: &mut Context<'_>,
@@ -63,6 +69,16 @@ pub fn write_vectored(
     match (nonempty.next(), nonempty.next()) {
         // `TcpStream::poll_write` is `send(2)` with `MSG_NOSIGNAL`.
         (Some(one), None) => stream.poll_write(cx, one),
+        (Some(_), Some(_)) if bufs.iter().map(|b| b.len()).sum::<usize>() <= GATHER_MAX => {
+            let mut gathered = [0u8; GATHER_MAX];
+            let mut len = 0;
+            for b in bufs {
+                gathered[len..len + b.len()].copy_from_slice(b);
+                len += b.len();
+            }
+            // Bytes written count across `bufs` in order, as `writev(2)`'s do.
+            stream.poll_write(cx, &gathered[..len])
+        }
         _ => stream.poll_write_vectored(cx, bufs),
     }
 }
@@ -132,10 +148,27 @@ mod tests {
         let two = [io::IoSlice::new(b"ab"), io::IoSlice::new(b""), io::IoSlice::new(b"cd")];
         assert_eq!(sock.write_vectored(&two).await.unwrap(), 4);
         assert_eq!(sock.write_vectored(&[io::IoSlice::new(b"")]).await.unwrap(), 0);
+        // Gathered into one `send(2)` at the bound, and not past it; partial writes resume
+        // where the count says.
+        let mut big = Vec::new();
+        for extra in [0usize, 1] {
+            let (a, b) = (vec![b'x'; GATHER_MAX - 10], vec![b'y'; 10 + extra]);
+            let mut sent = 0;
+            while sent < a.len() + b.len() {
+                let rest = if sent < a.len() {
+                    vec![io::IoSlice::new(&a[sent..]), io::IoSlice::new(&b)]
+                } else {
+                    vec![io::IoSlice::new(&b[sent - a.len()..])]
+                };
+                sent += sock.write_vectored(&rest).await.unwrap();
+            }
+            big.extend_from_slice(&a);
+            big.extend_from_slice(&b);
+        }
         sock.shutdown().await.unwrap();
         let mut got = Vec::new();
         peer.read_to_end(&mut got).await.unwrap();
-        assert_eq!(got, b"headabcd");
+        assert_eq!(got, [&b"headabcd"[..], &big].concat());
     }
 
     /// A connection whose peer sent `answer` and then reset it; returned once the reset has
