@@ -518,8 +518,7 @@ impl Body for ResponseBody {
         }
         let polled = match &mut this.kind {
             Kind::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-            Kind::Upstream(AppBody::Hyper(body)) => Pin::new(body).poll_frame(cx).map_err(Into::into),
-            Kind::Upstream(AppBody::Lean(body)) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            Kind::Upstream(body) => Pin::new(body).poll_frame(cx),
         };
         match &polled {
             Poll::Ready(None) if this.request_open() => return this.poll_end(cx),
@@ -540,8 +539,7 @@ impl Body for ResponseBody {
     fn is_end_stream(&self) -> bool {
         let app_done = match &self.kind {
             Kind::Full(data) => data.is_none(),
-            Kind::Upstream(AppBody::Hyper(body)) => body.is_end_stream(),
-            Kind::Upstream(AppBody::Lean(body)) => body.is_end_stream(),
+            Kind::Upstream(body) => body.is_end_stream(),
         };
         app_done && !self.request_open()
     }
@@ -550,8 +548,7 @@ impl Body for ResponseBody {
         match &self.kind {
             Kind::Full(Some(d)) => SizeHint::with_exact(d.len() as u64),
             Kind::Full(None) => SizeHint::with_exact(0),
-            Kind::Upstream(AppBody::Hyper(body)) => body.size_hint(),
-            Kind::Upstream(AppBody::Lean(body)) => body.size_hint(),
+            Kind::Upstream(body) => body.size_hint(),
         }
     }
 }

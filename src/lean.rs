@@ -374,15 +374,11 @@ impl Framing {
             match self {
                 Framing::Done => return Ok(None),
                 Framing::Length(left) => {
-                    if conn_buf.is_empty() {
-                        return Ok(None);
-                    }
-                    let take = (*left).min(conn_buf.len() as u64) as usize;
-                    *left -= take as u64;
+                    let data = take_up_to(left, conn_buf);
                     if *left == 0 {
                         *self = Framing::Done;
                     }
-                    return Ok(Some(Frame::data(conn_buf.split_to(take).freeze())));
+                    return Ok(data);
                 }
                 Framing::ToEnd => {
                     if conn_buf.is_empty() {
@@ -403,15 +399,11 @@ impl Framing {
                         *chunk = if size == 0 { Chunk::Trailers(None) } else { Chunk::Data(size) };
                     }
                     Chunk::Data(left) => {
-                        if conn_buf.is_empty() {
-                            return Ok(None);
-                        }
-                        let take = (*left).min(conn_buf.len() as u64) as usize;
-                        *left -= take as u64;
+                        let data = take_up_to(left, conn_buf);
                         if *left == 0 {
                             *chunk = Chunk::DataEnd;
                         }
-                        return Ok(Some(Frame::data(conn_buf.split_to(take).freeze())));
+                        return Ok(data);
                     }
                     Chunk::DataEnd => match conn_buf.first() {
                         None => return Ok(None),
@@ -448,6 +440,17 @@ impl Framing {
             }
         }
     }
+}
+
+/// A data frame of what is buffered, at most `left` bytes, counted off `left`; `None` when
+/// nothing is buffered.
+fn take_up_to(left: &mut u64, buf: &mut BytesMut) -> Option<Frame<Bytes>> {
+    if buf.is_empty() {
+        return None;
+    }
+    let take = (*left).min(buf.len() as u64) as usize;
+    *left -= take as u64;
+    Some(Frame::data(buf.split_to(take).freeze()))
 }
 
 fn parse_chunk_size(line: &[u8]) -> io::Result<u64> {

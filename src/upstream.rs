@@ -14,10 +14,11 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{ready, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
-use http_body::Body;
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper::{Request, Response};
@@ -28,7 +29,7 @@ use tracing::debug;
 
 use crate::body::RequestBody;
 use crate::config::{UpstreamConfig, UpstreamProtocol};
-use crate::error::{connect_error, ProxyError};
+use crate::error::{connect_error, BoxError, ProxyError};
 use crate::lean::{self, Conn, ExchangeError, LeanBody};
 use crate::sock::Sock;
 
@@ -54,6 +55,32 @@ impl Pool {
 pub enum AppBody {
     Hyper(Incoming),
     Lean(LeanBody),
+}
+
+impl Body for AppBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            AppBody::Hyper(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            AppBody::Lean(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            AppBody::Hyper(body) => body.is_end_stream(),
+            AppBody::Lean(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            AppBody::Hyper(body) => body.size_hint(),
+            AppBody::Lean(body) => body.size_hint(),
+        }
+    }
 }
 
 pub struct Upstream {
