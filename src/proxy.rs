@@ -264,6 +264,9 @@ fn into_client_response(
 ) -> Response<ResponseBody> {
     let (mut parts, body) = res.into_parts();
     strip_hop_by_hop(&mut parts.headers);
+    // An intermediary sends its own version (RFC 9110 §6.2): an HTTP/1.0 app's answer must
+    // not make hyper treat the client's keep-alive as HTTP/1.0 and close it after each one.
+    parts.version = Version::HTTP_11;
     let status = parts.status;
     Response::from_parts(parts, ResponseBody::upstream(body, pooled, request_body, status))
 }

@@ -913,6 +913,7 @@ fn framings(path: &str) -> (&'static [u8], bool) {
         "/bad-length" => (b"HTTP/1.1 200 OK\r\ncontent-length: 12abc\r\n\r\nhello", false),
         "/switch" => (b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\r\n", false),
         "/bad-chunk" => (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n", false),
+        "/http10" => (b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok", true),
         _ => (b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n", false),
     }
 }
@@ -998,4 +999,21 @@ async fn response_heads_are_bounded_in_bytes_not_in_fields() {
     let r = get(p.proxy_addr, "/many").await;
     assert_eq!((r.status.as_u16(), r.headers.len() > 90, r.text().as_str()), (200, true, "ok"));
     assert_eq!(get(p.proxy_addr, "/huge").await.status, 502);
+}
+
+/// An HTTP/1.0 app (Python's `http.server`) answers and closes; the proxy answers its client
+/// as HTTP/1.1 and keeps the client's connection.
+#[tokio::test]
+async fn an_http10_app_does_not_close_the_clients_keep_alive() {
+    let (addr, accepted) = scripted_app(framings).await;
+    let p = proxy(addr, |c| c.health.path = None).await;
+    let mut c = h1(p.proxy_addr).await;
+    for i in 0..3 {
+        c.sender.ready().await.unwrap_or_else(|e| panic!("request {i}: the client connection closed: {e}"));
+        let res = c.sender.send_request(Request::get("/http10").header("host", "a").body(full(Bytes::new())).unwrap());
+        let res = res.await.unwrap();
+        assert_eq!(res.version(), http::Version::HTTP_11);
+        assert_eq!(read(res).await.text(), "ok");
+    }
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 3, "the app closes after each answer");
 }
