@@ -182,7 +182,7 @@ impl Conn {
 type Spans = Vec<(std::ops::Range<usize>, std::ops::Range<usize>)>;
 
 /// The status line of a complete head at the start of `buf`, with the head's length; the
-/// header fields' positions travel in the response's extensions until [`with_headers`].
+/// header fields' positions travel as the response's body until [`with_headers`].
 fn parse_head(buf: &[u8]) -> io::Result<Option<(Response<Spans>, usize)>> {
     let mut stack = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; STACK_HEADERS];
     match parse_into(buf, &mut stack) {
