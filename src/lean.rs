@@ -62,7 +62,7 @@ pub struct Conn {
 }
 
 /// How a response's body is delimited, and how far it has been read.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, PartialEq)]
 pub enum Framing {
     /// No body, or all of it read.
     Done,
@@ -73,7 +73,7 @@ pub enum Framing {
     ToEnd,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, PartialEq)]
 pub enum Chunk {
     /// Expecting a chunk-size line.
     Size,
