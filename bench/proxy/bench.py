@@ -476,6 +476,13 @@ def med(values):
     return statistics.median(values) if values else None
 
 
+def spread(values, unit, signed=False):
+    """The lowest and highest of per-repetition figures, as `low – high` with a unit."""
+    f = "{:+.3f}" if signed else "{:.2f}"
+    lo, hi = min(values), max(values)
+    return f.format(lo) + unit if len(values) == 1 else f"{f.format(lo)} – {f.format(hi)}{unit}"
+
+
 def fmt(v, d=0):
     return "-" if v is None else f"{v:,.{d}f}"
 
@@ -500,10 +507,12 @@ def render(results, latency, errors, memory, allocators, args):
         "",
         "## Throughput and CPU per request",
         "",
-        "CPU is the proxy's time over the requests it served, in µs per request: user + kernel = total.",
+        "CPU is the proxy's time over the requests it served, in µs per request: user + kernel = total. "
+        "Per repetition: the lowest and highest of the ratios each repetition gave on its own (its targets ran back to "
+        "back); a range that spans 1.00 is parity within this machine's noise.",
         "",
-        "| workload | direct req/s | drainproxy req/s | nginx req/s | HAProxy req/s | drainproxy / best peer | CPU drainproxy | CPU nginx | CPU HAProxy | CPU ratio to best peer |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| workload | direct req/s | drainproxy req/s | nginx req/s | HAProxy req/s | drainproxy / best peer | per repetition | CPU drainproxy | CPU nginx | CPU HAProxy | CPU ratio to best peer |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     ratios, cpu_ratios = {}, {}
     for w in WORKLOADS:
@@ -517,14 +526,16 @@ def render(results, latency, errors, memory, allocators, args):
         best_cpu = min(us[p] for p in PEERS if us[p] is not None)
         ratios[w] = rps["drainproxy"] / best
         cpu_ratios[w] = us["drainproxy"] / best_cpu
+        per_rep = spread([d[0] / max(a[0], b[0]) for d, a, b in
+                          zip(*(results[(w, t)] for t in ("drainproxy", *PEERS)))], "×")
         split = lambda t: f"{user[t]:.1f} + {system[t]:.1f} = **{us[t]:.1f}**"
         lines.append(f"| {w} | {fmt(rps['direct'])} | {fmt(rps['drainproxy'])} | {fmt(rps['nginx'])} | {fmt(rps['haproxy'])} | "
-                     f"**{ratios[w]:.2f}×** | {split('drainproxy')} | {split('nginx')} | {split('haproxy')} | {cpu_ratios[w]:.2f} |")
+                     f"**{ratios[w]:.2f}×** | {per_rep} | {split('drainproxy')} | {split('nginx')} | {split('haproxy')} | {cpu_ratios[w]:.2f} |")
     lines += ["", "## Open-loop latency", "",
               "oha at a fixed rate with `--latency-correction` (coordinated omission corrected), HTTP/1.1 keep-alive, "
               "0 B responses. Direct: the app's own latency; for each proxy, what it adds over direct (ms).", "",
-              "| rate | direct p50 / p99 / p99.9 | drainproxy added | nginx added | HAProxy added | drainproxy p99 added vs best peer |",
-              "|---|---|---|---|---|---|"]
+              "| rate | direct p50 / p99 / p99.9 | drainproxy added | nginx added | HAProxy added | drainproxy p99 added vs best peer | per repetition |",
+              "|---|---|---|---|---|---|---|"]
     p99_5k = None
     for label in dict.fromkeys(k[0] for k in latency):
         pct = {t: {q: med([d[q] for d in latency[(label, t)]]) for q in ("p50", "p99", "p99.9")} for t in PORTS}
@@ -532,10 +543,12 @@ def render(results, latency, errors, memory, allocators, args):
         cell = lambda d: f"{d['p50']:.3f} / {d['p99']:.3f} / {d['p99.9']:.3f}"
         best_peer = min(add[p]["p99"] for p in PEERS)
         verdict = f"{add['drainproxy']['p99'] - best_peer:+.3f} ms"
+        per_rep = spread([d["p99"] - min(a["p99"], b["p99"]) for d, a, b in
+                          zip(*(latency[(label, t)] for t in ("drainproxy", *PEERS)))], " ms", signed=True)
         if label.startswith("5k"):
             p99_5k = (add["drainproxy"]["p99"], best_peer)
         lines.append(f"| {label} | {cell(pct['direct'])} | {cell(add['drainproxy'])} | {cell(add['nginx'])} | "
-                     f"{cell(add['haproxy'])} | {verdict} |")
+                     f"{cell(add['haproxy'])} | {verdict} | {per_rep} |")
     cols = list(next(iter(memory.values())).keys())
     lines += ["", "## Memory (RSS, KiB)", "",
               f"Idle connections each served one request and are measured {IDLE_SETTLE:.0f} s after the last response. "
