@@ -83,7 +83,7 @@ def need(tool):
 def refuse_taken(*ports):
     """Exits when something already listens on one of these ports: the run would measure it
     (a proxy or app left over from an earlier run) instead of what it starts."""
-    taken = [port for port in ports if listening(port)]
+    taken = [port for port in dict.fromkeys(ports) if listening(port)]
     if taken:
         sys.exit(f"127.0.0.1 ports already in use: {', '.join(map(str, taken))}; stop what listens there and run again")
 
