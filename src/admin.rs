@@ -4,7 +4,7 @@
 //! |---|---|
 //! | `GET /live` | 200 while the process serves; never asks the app |
 //! | `GET /ready` | 200 in `ready`, else 503; the body names the phase |
-//! | `GET`/`POST /drain` | starts or joins the drain, blocks until release, 200 + JSON; `?wait=false` answers 202 at once; with `drain.token` set, a request without `Authorization: Bearer <token>` (or `X-Drainproxy-Token: <token>`) gets 401 and changes nothing |
+//! | `GET`/`POST /drain` | starts or joins the drain, blocks until release, 200 + JSON; `?wait=false` answers 202 as soon as the drain has begun; with `drain.token` set, a request without `Authorization: Bearer <token>` (or `X-Drainproxy-Token: <token>`) gets 401 and changes nothing |
 //! | `GET /status` | JSON: phase, in flight, connections, app health, the current or last drain, the served TLS certificate's expiry |
 //! | `GET /metrics` | Prometheus text format |
 //!
@@ -29,6 +29,11 @@ use tracing::{debug, info, warn, Instrument};
 use crate::body::Accounting;
 use crate::lifecycle::{Event, Phase, State, Trigger};
 use crate::upstream::Upstream;
+
+/// How long `/drain?wait=false` waits for the lifecycle to begin the drain before it answers
+/// with the phase it sees. The lifecycle takes an event within microseconds; this bounds an
+/// answer while it is stopping.
+const DRAIN_BEGIN: std::time::Duration = std::time::Duration::from_secs(1);
 
 pub struct Admin {
     pub state: watch::Receiver<State>,
@@ -144,10 +149,19 @@ impl Admin {
         if self.events.send(Event::Drain(Trigger::Http)).await.is_err() {
             return text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n");
         }
-        if !wait {
-            return json_res(StatusCode::ACCEPTED, &json!({ "accepted": true, "phase": self.state.borrow().phase }));
-        }
         let mut rx = self.state.clone();
+        if !wait {
+            // Answered once the lifecycle has taken the event (microseconds), so that 202
+            // means the drain has begun and readiness is already 503.
+            let begun = tokio::time::timeout(DRAIN_BEGIN, rx.wait_for(|s| s.phase.is_draining()))
+                .await
+                .map(|r| r.map(|s| s.phase));
+            let phase = match begun {
+                Ok(Ok(phase)) => phase,
+                _ => self.state.borrow().phase,
+            };
+            return json_res(StatusCode::ACCEPTED, &json!({ "accepted": true, "phase": phase }));
+        }
         let released = rx.wait_for(|s| s.phase == Phase::Drained).await.map(|s| s.drain.clone());
         match released {
             Ok(report) => json_res(StatusCode::OK, &json!({ "phase": Phase::Drained, "drain": report })),

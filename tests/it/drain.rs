@@ -259,7 +259,10 @@ async fn drain_without_the_right_token_is_refused_and_changes_nothing() {
         )
         .await;
     assert_eq!(r.status, 202);
-    wait_phase(&p, Phase::Draining).await;
+    // 202 means the drain has begun: no wait for readiness to turn.
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(v["phase"], "draining");
+    assert_eq!(get(p.admin_addr, "/ready").await.status, 503);
 }
 
 #[tokio::test]
