@@ -412,11 +412,12 @@ def main():
         for rep in range(args.reps):
             for workload in WORKLOADS:
                 for target in [*PORTS, *(["relay"] if workload in RELAY_WORKLOADS else [])]:
-                    if workload in TLS_WORKLOADS and PORTS.get(target, (0, 0, 0))[2] is None:
+                    ports = PORTS.get(target, (RELAY, None, None))
+                    if workload in TLS_WORKLOADS and ports[2] is None:
                         continue
                     pids = stack.pids(target, workload) if target != "direct" else []
                     before, pre_before = cpu_ticks(pids), preemptions(pids)
-                    rps, n, errs = run_load(workload, PORTS.get(target, (RELAY, None, None)), args.seconds, tmp)
+                    rps, n, errs = run_load(workload, ports, args.seconds, tmp)
                     after, pre_after = cpu_ticks(pids), preemptions(pids)
                     user, system = ((a - b) / CLK_TCK * 1e6 / n if n and pids else None for a, b in zip(after, before))
                     pre = (pre_after - pre_before) * 1000 / n if n and pids else None
@@ -515,17 +516,21 @@ def render(results, latency, errors, memory, allocators, args):
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     ratios, cpu_ratios = {}, {}
+    floor = {}  # workload -> (relay req/s, relay µs/req, ratio to the better peer's req/s, to its CPU)
     for w in WORKLOADS:
         if not results.get((w, "drainproxy")):
             continue  # a run from before this workload existed (--render)
-        rps = {t: med([r[0] for r in results.get((w, t), [])]) for t in PORTS}
-        user = {t: med([r[1] for r in results.get((w, t), [])]) for t in PORTS}
-        system = {t: med([r[2] for r in results.get((w, t), [])]) for t in PORTS}
-        us = {t: (user[t] + system[t]) if user[t] is not None else None for t in PORTS}
+        targets = (*PORTS, "relay")
+        rps = {t: med([r[0] for r in results.get((w, t), [])]) for t in targets}
+        user = {t: med([r[1] for r in results.get((w, t), [])]) for t in targets}
+        system = {t: med([r[2] for r in results.get((w, t), [])]) for t in targets}
+        us = {t: (user[t] + system[t]) if user[t] is not None else None for t in targets}
         best = max(rps[p] for p in PEERS)
         best_cpu = min(us[p] for p in PEERS if us[p] is not None)
         ratios[w] = rps["drainproxy"] / best
         cpu_ratios[w] = us["drainproxy"] / best_cpu
+        if rps["relay"] is not None:
+            floor[w] = (rps["relay"], us["relay"], rps["relay"] / best, us["relay"] / best_cpu)
         per_rep = spread([d[0] / max(a[0], b[0]) for d, a, b in
                           zip(*(results[(w, t)] for t in ("drainproxy", *PEERS)))], "×")
         split = lambda t: f"{user[t]:.1f} + {system[t]:.1f} = **{us[t]:.1f}**"
@@ -599,14 +604,6 @@ def render(results, latency, errors, memory, allocators, args):
     app_us = 1e6 / r[best] - (u[best] + k[best])  # the app's share of the core per request
     bound = 1e6 / (app_us + k["drainproxy"])
     lines += ["", "## What limits the small-response figures", ""]
-    floor = {}  # workload -> (relay req/s, relay µs/req, ratio to the better peer's req/s, to its CPU)
-    for fw in RELAY_WORKLOADS:
-        if results.get((fw, "relay")):
-            f_rps = {t: med([x[0] for x in results[(fw, t)]]) for t in (*PEERS, "relay")}
-            f_us = {t: med([x[1] + x[2] for x in results[(fw, t)] if x[1] is not None]) for t in (*PEERS, "relay")}
-            f_best = max(PEERS, key=lambda t: f_rps[t])
-            floor[fw] = (f_rps["relay"], f_us["relay"], f_rps["relay"] / f_rps[f_best],
-                         f_us["relay"] / min(f_us[p] for p in PEERS))
     if floor:
         cells = "; ".join(f"{fw}: {n:,.0f} req/s at {us:.1f} µs per request, {a:.2f}× the better peer's throughput at "
                           f"{c:.2f}× its CPU" for fw, (n, us, a, c) in floor.items())
