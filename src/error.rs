@@ -38,6 +38,10 @@ pub enum ProxyError {
     /// arbitrary host. Answered 501, never forwarded, never worth a retry elsewhere.
     #[error("CONNECT is not supported: drainproxy is a reverse proxy in front of one app")]
     ConnectMethod,
+    /// RFC 9112 §3.2: an HTTP/1.1 request without a `Host`, or any request with two, is a 400.
+    /// Forwarded, the app would see a host the client never named.
+    #[error("a request must carry exactly one Host header (HTTP/1.0 may omit it)")]
+    BadHost,
 }
 
 /// Why a request got a retry hint instead of being forwarded (`drainproxy_retry_hints_total`).
@@ -99,7 +103,7 @@ impl ProxyError {
             Self::Connect(_) => Some(RetryReason::ConnectError),
             Self::NotSent(_) => Some(RetryReason::NotSent),
             Self::Released => Some(RetryReason::Released),
-            Self::Upstream(_) | Self::Timeout | Self::ConnectMethod => None,
+            Self::Upstream(_) | Self::Timeout | Self::ConnectMethod | Self::BadHost => None,
         }
     }
 
@@ -111,7 +115,7 @@ impl ProxyError {
             Self::NotSent(_) => UpstreamErrorKind::NotSent,
             Self::Upstream(_) => UpstreamErrorKind::Response,
             Self::Timeout => UpstreamErrorKind::Timeout,
-            Self::Released | Self::ConnectMethod => return None,
+            Self::Released | Self::ConnectMethod | Self::BadHost => return None,
         })
     }
 
@@ -120,6 +124,7 @@ impl ProxyError {
             _ if self.retry_reason().is_some() => StatusCode::SERVICE_UNAVAILABLE,
             Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
             Self::ConnectMethod => StatusCode::NOT_IMPLEMENTED,
+            Self::BadHost => StatusCode::BAD_REQUEST,
             _ => StatusCode::BAD_GATEWAY,
         }
     }
@@ -135,6 +140,9 @@ impl ProxyError {
             h.insert(header::RETRY_AFTER, retry_after.clone());
             h.insert(header::CONNECTION, HeaderValue::from_static("close"));
             h.insert(NOT_FORWARDED, HeaderValue::from_static(reason.as_str()));
+        } else if matches!(self, Self::BadHost) {
+            // The client is broken or hostile; its next request would be no better.
+            h.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         res
     }

@@ -68,12 +68,15 @@ pub struct ProxyService {
     peer_ip: HeaderValue,
     /// The client speaks HTTP/2 (GOAWAY, not `Connection: close`, tells it to leave).
     h2: bool,
+    /// `X-Forwarded-Proto` for this connection: `https` when the proxy terminated TLS.
+    scheme: HeaderValue,
 }
 
 impl ProxyService {
-    pub fn new(proxy: Arc<Proxy>, conn: Arc<ConnState>, peer: SocketAddr, h2: bool) -> Self {
+    pub fn new(proxy: Arc<Proxy>, conn: Arc<ConnState>, peer: SocketAddr, h2: bool, tls: bool) -> Self {
         let peer_ip = HeaderValue::from_str(&peer.ip().to_string()).unwrap_or(HeaderValue::from_static("unknown"));
-        ProxyService { proxy, conn, peer, peer_ip, h2 }
+        let scheme = HeaderValue::from_static(if tls { "https" } else { "http" });
+        ProxyService { proxy, conn, peer, peer_ip, h2, scheme }
     }
 
     async fn handle(self, req: Request<Incoming>) -> Result<Response<ResponseBody>, Infallible> {
@@ -100,6 +103,8 @@ impl ProxyService {
             Err(ProxyError::Released)
         } else if req.method() == Method::CONNECT {
             Err(ProxyError::ConnectMethod)
+        } else if !self.h2 && seen.bad_host(&req) {
+            Err(ProxyError::BadHost)
         } else {
             self.prepare(&mut req, upgrade, seen);
             if upgrade {
@@ -127,6 +132,7 @@ impl ProxyService {
                         debug!(peer = %self.peer, "request after release answered with a retry hint")
                     }
                     ProxyError::ConnectMethod => debug!(peer = %self.peer, "CONNECT refused"),
+                    ProxyError::BadHost => debug!(peer = %self.peer, "request without exactly one Host refused"),
                     _ => {
                         warn!(error = %error, cause = ?std::error::Error::source(&error).map(|s| s.to_string()), peer = %self.peer, status = error.status().as_u16(), "upstream request failed")
                     }
@@ -151,14 +157,12 @@ impl ProxyService {
     /// request's headers.
     fn prepare(&self, req: &mut Request<RequestBody>, upgrade: bool, seen: Seen) {
         let h2_upstream = self.proxy.upstream.protocol() == UpstreamProtocol::H2c && !upgrade;
-        let host = match &seen.host {
-            Some(h) => h.clone(),
-            None => req
-                .uri()
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-                .unwrap_or_else(|| self.proxy.fallback_host.clone()),
-        };
+        // The host the client named. The target's authority (HTTP/2's `:authority`, or an
+        // HTTP/1.1 absolute-form target) wins over `Host` (RFC 9112 §3.2.2, RFC 9113 §8.3.1);
+        // HTTP/1.0 may name neither.
+        let authority = req.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok());
+        let replace_host = authority.is_some() && seen.has(Seen::HOST);
+        let client_host = authority.or_else(|| seen.host.clone());
         let headers = req.headers_mut();
         let wants_trailers = h2_upstream && seen.has(Seen::TE) && has_token(headers, &header::TE, "trailers");
         let upgrade_proto = if upgrade { headers.get(header::UPGRADE).cloned() } else { None };
@@ -172,8 +176,11 @@ impl ProxyService {
             headers.insert(header::TE, HeaderValue::from_static("trailers"));
         }
         append(headers, &X_FORWARDED_FOR, &self.peer_ip, seen.has(Seen::X_FORWARDED_FOR));
-        append(headers, &X_FORWARDED_PROTO, &HeaderValue::from_static("http"), seen.has(Seen::X_FORWARDED_PROTO));
-        append(headers, &X_FORWARDED_HOST, &host, seen.has(Seen::X_FORWARDED_HOST));
+        append(headers, &X_FORWARDED_PROTO, &self.scheme, seen.has(Seen::X_FORWARDED_PROTO));
+        if let Some(host) = &client_host {
+            append(headers, &X_FORWARDED_HOST, host, seen.has(Seen::X_FORWARDED_HOST));
+        }
+        let host = client_host.unwrap_or_else(|| self.proxy.fallback_host.clone());
 
         if h2_upstream {
             // HTTP/2 carries the host as :authority; the app sees the client's host.
@@ -191,7 +198,7 @@ impl ProxyService {
             *req.uri_mut() = Uri::from_parts(uri).unwrap_or_default();
             *req.version_mut() = Version::HTTP_2;
         } else {
-            if !seen.has(Seen::HOST) {
+            if !seen.has(Seen::HOST) || replace_host {
                 headers.insert(header::HOST, host);
             }
             if req.uri().scheme().is_some() {
@@ -278,6 +285,8 @@ struct Seen {
     bits: u16,
     /// The first `Host` value.
     host: Option<HeaderValue>,
+    /// `Host` came more than once.
+    host_repeated: bool,
     /// A `Connection` value is other than the usual `keep-alive` or `close`: it may name
     /// headers to remove.
     connection_names: bool,
@@ -300,8 +309,9 @@ impl Seen {
         let mut seen = Seen::default();
         for (name, value) in h {
             let bit = Self::bit(name);
-            if bit == Self::HOST && seen.host.is_none() {
-                seen.host = Some(value.clone());
+            if bit == Self::HOST {
+                seen.host_repeated = seen.host.is_some();
+                seen.host.get_or_insert_with(|| value.clone());
             } else if bit == Self::CONNECTION {
                 let v = value.as_bytes();
                 seen.connection_names |= !v.eq_ignore_ascii_case(b"keep-alive") && !v.eq_ignore_ascii_case(b"close");
@@ -340,6 +350,13 @@ impl Seen {
 
     fn has(&self, bit: u16) -> bool {
         self.bits & bit != 0
+    }
+
+    /// An HTTP/1.x request's host is not the one field RFC 9112 §3.2 asks for: `Host` twice,
+    /// or an HTTP/1.1 request with neither `Host` nor an absolute-form target.
+    fn bad_host<B>(&self, req: &Request<B>) -> bool {
+        self.host_repeated
+            || (self.host.is_none() && req.version() == Version::HTTP_11 && req.uri().authority().is_none())
     }
 
     /// An upgrade to tunnel to the app: `Upgrade` named in `Connection`, to a protocol other
@@ -400,7 +417,7 @@ impl Seen {
             // `Connection` named a header this proxy acts on (Host, X-Forwarded-*): look again.
             return Seen::scan(h);
         }
-        Seen { bits: self.bits & !Self::HOP_BY_HOP, host: self.host, connection_names: false }
+        Seen { bits: self.bits & !Self::HOP_BY_HOP, connection_names: false, ..self }
     }
 }
 

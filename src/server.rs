@@ -236,7 +236,8 @@ async fn serve_proxy_conn(
     let acct = &ctx.proxy.acct;
     let _open = acct.activity.connection_opened(h2);
     let conn_state = Arc::new(ConnState::new());
-    let mut svc = ProxyService::new(ctx.proxy.clone(), conn_state.clone(), peer, h2);
+    let tls = ctx.tls.is_some();
+    let mut svc = ProxyService::new(ctx.proxy.clone(), conn_state.clone(), peer, h2, tls);
     if h2 {
         // Boxed: an HTTP/2 connection's state is twice an HTTP/1.1 one's, and every task is
         // as large as its largest branch (idle HTTP/1.1 connections are the many).

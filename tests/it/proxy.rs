@@ -63,21 +63,59 @@ async fn an_upgrade_to_h2c_is_ignored_and_never_reaches_the_app() {
 async fn connect_is_answered_501_and_never_reaches_the_app() {
     let app = app().await;
     let p = ready_proxy(app.addr, |_| {}).await;
-    let mut s = TcpStream::connect(p.proxy_addr).await.unwrap();
-    s.write_all(b"CONNECT example.com:443 HTTP/1.1\r\nhost: example.com:443\r\n\r\nGET / HTTP/1.1\r\nhost: a\r\n\r\n")
-        .await
-        .unwrap();
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !got.ends_with(b"\r\n\r\nok") {
-        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.unwrap().unwrap();
-        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
-        got.extend_from_slice(&buf[..n]);
-    }
-    let got = String::from_utf8_lossy(&got);
-    assert!(got.starts_with("HTTP/1.1 501 "), "{got}");
+    let request = b"CONNECT example.com:443 HTTP/1.1\r\nhost: example.com:443\r\n\r\nGET / HTTP/1.1\r\nhost: a\r\n\r\n";
+    let got = exchange(p.proxy_addr, request, b"\r\n\r\nok").await;
+    assert!(got.starts_with("HTTP/1.1 501 ") && got.ends_with("ok"), "{got}");
     assert!(!got.to_ascii_lowercase().contains("retry-after"), "{got}");
     assert_eq!(app.state.requests.load(std::sync::atomic::Ordering::SeqCst), 1, "only the GET reached the app");
+}
+
+/// Sends raw HTTP/1.x bytes and reads until the proxy closes the connection or `until` ends
+/// what arrived.
+async fn exchange(addr: std::net::SocketAddr, request: &[u8], until: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.ends_with(until) {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.unwrap().unwrap();
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// RFC 9112 §3.2: an HTTP/1.1 request without `Host`, or with two, is a 400 and never reaches
+/// the app (it would see a host the client never named). HTTP/1.0 may omit it; the app then
+/// gets a `Host` (its own address) but no `X-Forwarded-Host`. An absolute-form target names
+/// the host, and wins over a `Host` that says otherwise (§3.2.2).
+#[tokio::test]
+async fn the_host_the_app_sees_is_the_one_the_client_named() {
+    let app = app().await;
+    let p = ready_proxy(app.addr, |_| {}).await;
+    let served = || app.state.requests.load(std::sync::atomic::Ordering::SeqCst);
+    for bad in [&b"GET / HTTP/1.1\r\n\r\n"[..], b"GET / HTTP/1.1\r\nhost: a\r\nhost: b\r\n\r\n"] {
+        let got = exchange(p.proxy_addr, bad, b"<never>").await;
+        assert!(got.starts_with("HTTP/1.1 400 "), "{got}");
+        assert!(got.contains("connection: close"), "{got}");
+        assert!(!got.contains("x-drainproxy-not-forwarded"), "a malformed request is not worth a retry: {got}");
+    }
+    assert_eq!(served(), 0);
+
+    let got = exchange(p.proxy_addr, b"GET / HTTP/1.0\r\n\r\n", b"<never>").await;
+    assert!(got.starts_with("HTTP/1.0 200 "), "{got}");
+    let h = app.state.last_headers.lock().unwrap().clone();
+    assert_eq!(h["host"], app.addr.to_string());
+    assert!(h.get("x-forwarded-host").is_none(), "the client named no host: {h:?}");
+
+    let got = exchange(p.proxy_addr, b"GET http://shop.example/x HTTP/1.1\r\nhost: other\r\n\r\n", b"ok").await;
+    assert!(got.starts_with("HTTP/1.1 200 "), "{got}");
+    let h = app.state.last_headers.lock().unwrap().clone();
+    assert_eq!(h["host"], "shop.example");
+    assert_eq!(h["x-forwarded-host"], "shop.example");
+    assert_eq!(served(), 2);
 }
 
 #[tokio::test]

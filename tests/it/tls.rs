@@ -103,7 +103,7 @@ async fn tls_proxy(name: &str, tweak: impl FnOnce(&mut Config)) -> (App, Pair, R
 
 #[tokio::test]
 async fn alpn_picks_http2_or_http1_and_both_reach_the_app() {
-    let (_app, a, p) = tls_proxy("alpn", |_| {}).await;
+    let (app, a, p) = tls_proxy("alpn", |_| {}).await;
 
     let s = connect(p.proxy_addr, &[&a.der], &[b"h2", b"http/1.1"]).await;
     assert_eq!(s.get_ref().1.alpn_protocol(), Some(&b"h2"[..]), "h2 is preferred");
@@ -113,11 +113,16 @@ async fn alpn_picks_http2_or_http1_and_both_reach_the_app() {
     let (mut h2c, _conn) = h2_on(s).await;
     let r = read(h2c.send_request(h2_get(p.proxy_addr, "/")).await.unwrap()).await;
     assert_eq!(r.status, 200);
+    // The app learns that its client spoke TLS, on either protocol.
+    let proto = || app.state.last_headers.lock().unwrap()["x-forwarded-proto"].clone();
+    assert_eq!(proto(), "https");
 
     let s = connect(p.proxy_addr, &[&a.der], &[b"http/1.1"]).await;
     assert_eq!(s.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
     let mut c = h1_on(s).await;
+    app.state.last_headers.lock().unwrap().clear();
     assert_eq!(c.get("/").await.status, 200);
+    assert_eq!(proto(), "https");
     assert_eq!(c.get("/").await.status, 200, "keep-alive over TLS");
 
     // No ALPN at all: the first bytes still tell the protocol.
