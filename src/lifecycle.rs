@@ -57,6 +57,7 @@ pub enum Trigger {
 }
 
 impl Trigger {
+    pub const ALL: [Trigger; 3] = [Trigger::Http, Trigger::Sigterm, Trigger::Sigint];
     pub fn as_str(self) -> &'static str {
         match self {
             Trigger::Http => "http",
@@ -71,6 +72,16 @@ impl Trigger {
 pub enum Outcome {
     Idle,
     Forced,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 2] = [Outcome::Idle, Outcome::Forced];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Idle => "idle",
+            Outcome::Forced => "forced",
+        }
+    }
 }
 
 /// The current or last drain, as `/status`, `/drain` and the drain log line report it.
@@ -510,11 +521,7 @@ impl Lifecycle {
         let duration = released.duration_since(t0);
         let requests = self.metrics.drain_requests.get() - requests_before;
         let last_request = self.activity.last_request().filter(|t| *t >= t0).map(|t| t.duration_since(t0));
-        let outcome_str = match outcome {
-            Outcome::Idle => "idle",
-            Outcome::Forced => "forced",
-        };
-        self.metrics.drain_finished(trigger.as_str(), outcome_str, duration.as_secs_f64());
+        self.metrics.drain_finished(trigger, outcome, duration.as_secs_f64());
         if let Some(d) = last_request {
             self.metrics.drain_last_request.set(d.as_secs_f64());
         }
@@ -536,7 +543,7 @@ impl Lifecycle {
             ($level:ident, $message:literal) => {
                 $level!(
                     trigger = trigger.as_str(),
-                    outcome = outcome_str,
+                    outcome = outcome.as_str(),
                     duration_ms = duration.as_millis() as u64,
                     requests_after_start = requests,
                     last_request_ms,

@@ -11,7 +11,7 @@ use prometheus::{
 };
 
 use crate::error::{RetryReason, UpstreamErrorKind};
-use crate::lifecycle::Phase;
+use crate::lifecycle::{Outcome, Phase, Trigger};
 
 pub const CODE_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 pub const PROTOCOLS: [&str; 2] = ["http1", "http2"];
@@ -38,7 +38,9 @@ pub struct Metrics {
     upstream_errors: Vec<IntCounter>,
     retry_hints: Vec<IntCounter>,
     phase: Vec<IntGauge>,
-    drains: IntCounterVec,
+    /// By [`Trigger`] and [`Outcome`], each at 0 from the start: a pod drains once, at the
+    /// end of its life, and `increase()` sees a counter's first step only from a scraped 0.
+    drains: Vec<[IntCounter; Outcome::ALL.len()]>,
     pub drain_duration: Gauge,
     pub drain_requests: IntCounter,
     pub drain_last_request: Gauge,
@@ -118,6 +120,10 @@ impl Metrics {
             &["trigger", "outcome"],
         )?;
         reg(Box::new(drains.clone()))?;
+        let drains = Trigger::ALL
+            .iter()
+            .map(|t| Outcome::ALL.map(|o| drains.with_label_values(&[t.as_str(), o.as_str()])))
+            .collect();
 
         let drain_duration = Gauge::new("drain_duration_seconds", "Duration of the last drain, start to release")?;
         reg(Box::new(drain_duration.clone()))?;
@@ -238,8 +244,8 @@ impl Metrics {
         }
     }
 
-    pub fn drain_finished(&self, trigger: &str, outcome: &str, duration: f64) {
-        self.drains.with_label_values(&[trigger, outcome]).inc();
+    pub fn drain_finished(&self, trigger: Trigger, outcome: Outcome, duration: f64) {
+        self.drains[trigger as usize][outcome as usize].inc();
         self.drain_duration.set(duration);
     }
 

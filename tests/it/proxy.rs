@@ -754,6 +754,14 @@ async fn live_and_metrics_answer_with_the_contract_names() {
     }
     assert_eq!(metric(&m, "drainproxy_requests_total", &[("code_class", "2xx"), ("phase", "ready")]), 1.0);
     assert_eq!(metric(&m, "drainproxy_phase", &[("phase", "ready")]), 1.0);
+    // Counters that step once in a pod's life are scraped at 0 before they do, or
+    // `increase()` never sees the step.
+    for trigger in ["http", "sigterm", "sigint"] {
+        for outcome in ["idle", "forced"] {
+            let series = format!("drainproxy_drains_total{{outcome=\"{outcome}\",trigger=\"{trigger}\"}} 0");
+            assert!(m.lines().any(|l| l == series), "{series} missing from /metrics:\n{m}");
+        }
+    }
 }
 
 /// A proxy with a short pool idle timeout and one health probe at start, then none during
