@@ -83,7 +83,7 @@ where
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     warned_full = false;
-                    on_conn(stream, peer, Some(permit));
+                    on_conn(stream, canonical(peer), Some(permit));
                 }
                 Err(error) => {
                     // EMFILE and friends: back off briefly instead of spinning.
@@ -96,12 +96,18 @@ where
     let mut taken = 0;
     while let Ok(Ok((stream, peer))) = tokio::time::timeout(Duration::ZERO, listener.accept()).await {
         taken += 1;
-        on_conn(stream, peer, limit.clone().try_acquire_owned().ok());
+        on_conn(stream, canonical(peer), limit.clone().try_acquire_owned().ok());
     }
     if taken > 0 {
         debug!(taken, "served connections that were waiting in the backlog at close");
     }
     drop(listener);
+}
+
+/// An IPv4 client of a dual-stack (`[::]`) listener as the IPv4 address it is, not as
+/// `::ffff:a.b.c.d`: the app reads it in `X-Forwarded-For`, and logs show it.
+fn canonical(peer: SocketAddr) -> SocketAddr {
+    SocketAddr::new(peer.ip().to_canonical(), peer.port())
 }
 
 /// Everything a proxy connection needs, built once.

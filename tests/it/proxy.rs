@@ -31,6 +31,20 @@ async fn forwards_keeping_host_and_appending_forwarded_headers() {
     assert_eq!(h["x-forwarded-host"], "shop.example");
 }
 
+/// A dual-stack listener (`[::]`, what a pod with IPv6 wants) sees an IPv4 client as
+/// `::ffff:a.b.c.d`; the app is told the IPv4 address the client has.
+#[tokio::test]
+async fn an_ipv4_client_of_a_dual_stack_listener_is_forwarded_as_ipv4() {
+    let app = app().await;
+    let p = ready_proxy(app.addr, |c| c.listen = "[::]:0".parse().unwrap()).await;
+    let v4 = std::net::SocketAddr::from(([127, 0, 0, 1], p.proxy_addr.port()));
+    assert_eq!(get(v4, "/").await.status, 200);
+    assert_eq!(app.state.last_headers.lock().unwrap()["x-forwarded-for"], "127.0.0.1");
+    let v6 = std::net::SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, p.proxy_addr.port()));
+    assert_eq!(get(v6, "/").await.status, 200);
+    assert_eq!(app.state.last_headers.lock().unwrap()["x-forwarded-for"], "::1");
+}
+
 /// Java's HttpClient (by default) and `curl --http2` ask to upgrade cleartext HTTP/1.1 to
 /// HTTP/2. The proxy ignores it, as RFC 9113 §3.1 lets a server: the request goes on as
 /// HTTP/1.1, and the app never sees the upgrade, which it could accept and turn into an HTTP/2
