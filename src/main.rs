@@ -34,21 +34,45 @@ fn main() -> ExitCode {
     }
 }
 
-/// The configuration, and the files it names that start-up reads (TLS certificate and key):
-/// a problem with either is a configuration error (exit code 2).
-fn load(args: &ConfigArgs) -> Result<Config, String> {
+/// The configuration, and what start-up reads or fills in from it: the TLS certificate and
+/// key, the hooks' CA files and `${NAME}` templates. A problem with any is a configuration
+/// error (exit code 2). `check` (`strict_env` false) usually runs where the pod's variables
+/// (`POD_IP`) are not set: a variable missing there is returned by name, filled with a
+/// stand-in so that the rest of the hook is still checked.
+fn load(args: &ConfigArgs, strict_env: bool) -> Result<(Config, Vec<String>), String> {
     let cfg = config::load(args.config.as_deref(), std::env::vars(), &args.flags()).map_err(|e| e.to_string())?;
+    let one_problem = |e: String| format!("invalid configuration (1 problem):\n  {e}\n");
     if let Some(tls) = &cfg.tls {
-        drainproxy::tls::load(tls).map_err(|e| format!("invalid configuration (1 problem):\n  {e}\n"))?;
+        drainproxy::tls::load(tls).map_err(|e| one_problem(e.to_string()))?;
     }
-    Ok(cfg)
+    let unset = std::cell::RefCell::new(std::collections::BTreeSet::new());
+    let env = |name: &str| {
+        std::env::var(name).ok().or_else(|| {
+            unset.borrow_mut().insert(name.to_string());
+            (!strict_env).then(|| "0".to_string())
+        })
+    };
+    if let Err(e) = drainproxy::hooks::Hooks::prepare(&cfg.hooks, env) {
+        // `hooks.on_ready[1]: …`: point at the list in the file, as the other problems do.
+        let place = args.config.as_deref().map(|path| {
+            let list = e.split('[').next().unwrap_or("hooks");
+            let line = std::fs::read_to_string(path).ok().and_then(|src| config::locate(&src, list));
+            line.map_or(format!("{}: ", path.display()), |l| format!("{}:{l}: ", path.display()))
+        });
+        return Err(one_problem(format!("{}{e}", place.unwrap_or_default())));
+    }
+    Ok((cfg, unset.into_inner().into_iter().collect()))
 }
 
 fn check(args: &ConfigArgs) -> ExitCode {
-    match load(args) {
-        Ok(_) => {
+    match load(args, false) {
+        Ok((_, unset)) => {
             let name = args.config.as_ref().map_or("the built-in defaults".to_string(), |p| p.display().to_string());
-            let _ = writeln!(std::io::stdout(), "{name}: configuration is valid");
+            let mut out = std::io::stdout();
+            let _ = writeln!(out, "{name}: configuration is valid");
+            for var in unset {
+                let _ = writeln!(out, "note: the hooks use ${{{var}}}, which is not set here; `run` needs it");
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -143,8 +167,8 @@ fn demo() -> ExitCode {
 }
 
 fn run(args: &ConfigArgs) -> ExitCode {
-    let cfg = match load(args) {
-        Ok(c) => c,
+    let cfg = match load(args, true) {
+        Ok((c, _)) => c,
         Err(e) => {
             let _ = write!(std::io::stderr(), "{e}");
             return ExitCode::from(EXIT_CONFIG);

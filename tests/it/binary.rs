@@ -110,6 +110,34 @@ fn check_reports_every_problem_with_its_line_and_exits_2() {
     assert!(err.contains("2 problems") || err.contains("broken.yaml:3"), "{err}");
 }
 
+/// `${NAME}` in a hook is filled at start-up. `check` usually runs where the pod's variables
+/// are not set: there a missing one is a note. `run` stops with exit 2, naming file, line and
+/// hook. A hook's CA file is read by both, like the TLS files.
+#[test]
+fn hook_templates_and_files_are_checked_before_start_up() {
+    let dir = tmpdir("hooks");
+    let file = dir.join("hooks.yaml");
+    let hooks = "hooks:\n  on_ready:\n    - { method: PUT, url: \"http://127.0.0.1:1/r?ip=${DP_TEST_POD_IP}\" }\n";
+    std::fs::write(&file, format!("listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\n{hooks}")).unwrap();
+    let cmd = |args: &[&str]| Command::new(bin()).args(args).arg(&file).env_remove("DP_TEST_POD_IP").output().unwrap();
+
+    let out = cmd(&["check", "--config"]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("${DP_TEST_POD_IP}, which is not set here"));
+
+    let out = cmd(&["run", "--config"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("hooks.yaml:4: hooks.on_ready[1]: ${DP_TEST_POD_IP} is not set"), "{err}");
+
+    let ca = "    - { method: DELETE, url: \"https://127.0.0.1:1/d\", ca: /nonexistent/ca.pem }\n";
+    std::fs::write(&file, format!("hooks:\n  on_drain:\n{ca}")).unwrap();
+    let out = cmd(&["check", "--config"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("hooks.yaml:2: hooks.on_drain[1]: ca /nonexistent/ca.pem: cannot read"), "{err}");
+}
+
 #[test]
 fn check_accepts_the_example_config() {
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config/example.yaml");
