@@ -176,9 +176,14 @@ impl ProxyService {
             headers.insert(header::TE, HeaderValue::from_static("trailers"));
         }
         append(headers, &X_FORWARDED_FOR, &self.peer_ip, seen.has(Seen::X_FORWARDED_FOR));
-        append(headers, &X_FORWARDED_PROTO, &self.scheme, seen.has(Seen::X_FORWARDED_PROTO));
-        if let Some(host) = &client_host {
-            append(headers, &X_FORWARDED_HOST, host, seen.has(Seen::X_FORWARDED_HOST));
+        // Scheme and host as the client's side saw them: a front end that set them (an ingress
+        // that terminated TLS) knows better than this hop inside the pod, and a list such as
+        // `https, http` makes Tomcat's RemoteIpValve (Spring Boot) call the request insecure.
+        if !seen.has(Seen::X_FORWARDED_PROTO) {
+            headers.append(&X_FORWARDED_PROTO, self.scheme.clone());
+        }
+        if let (Some(host), false) = (&client_host, seen.has(Seen::X_FORWARDED_HOST)) {
+            headers.append(&X_FORWARDED_HOST, host.clone());
         }
         let host = client_host.unwrap_or_else(|| self.proxy.fallback_host.clone());
 

@@ -13,7 +13,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use crate::support::*;
 
 #[tokio::test]
-async fn forwards_keeping_host_and_appending_forwarded_headers() {
+async fn forwards_keeping_host_and_a_front_ends_scheme_appending_the_client_address() {
     let app = app().await;
     let p = ready_proxy(app.addr, |_| {}).await;
     let mut c = h1(p.proxy_addr).await;
@@ -29,6 +29,22 @@ async fn forwards_keeping_host_and_appending_forwarded_headers() {
     assert_eq!(h["x-forwarded-for"], "10.1.2.3, 127.0.0.1");
     assert_eq!(h["x-forwarded-proto"], "http");
     assert_eq!(h["x-forwarded-host"], "shop.example");
+
+    // Behind a front end that terminated TLS, its scheme and host reach the app as it set
+    // them: `https, http` would make Tomcat's RemoteIpValve call the request insecure.
+    let req = Request::get("/x")
+        .header("host", "orders.default.svc")
+        .header("x-forwarded-for", "10.1.2.3")
+        .header("x-forwarded-proto", "https")
+        .header("x-forwarded-host", "shop.example")
+        .body(full(Bytes::new()))
+        .unwrap();
+    assert_eq!(c.send(req).await.status, 200);
+    let h = app.state.last_headers.lock().unwrap().clone();
+    assert_eq!(h["host"], "orders.default.svc");
+    assert_eq!(h["x-forwarded-for"], "10.1.2.3, 127.0.0.1");
+    assert_eq!(h.get_all("x-forwarded-proto").iter().collect::<Vec<_>>(), ["https"]);
+    assert_eq!(h.get_all("x-forwarded-host").iter().collect::<Vec<_>>(), ["shop.example"]);
 }
 
 /// A dual-stack listener (`[::]`, what a pod with IPv6 wants) sees an IPv4 client as
