@@ -175,6 +175,13 @@ impl ProxyService {
             // gRPC servers require `te: trailers`; it is the one TE value HTTP/2 allows.
             headers.insert(header::TE, HeaderValue::from_static("trailers"));
         }
+        if self.h2 && !h2_upstream && seen.cookie_repeated {
+            // RFC 9113 §8.2.3: one `Cookie` for HTTP/1.1; many apps read only the first.
+            let cookies = joined(headers.get_all(header::COOKIE), b"; ");
+            if let Ok(v) = HeaderValue::from_bytes(&cookies) {
+                headers.insert(header::COOKIE, v);
+            }
+        }
         append(headers, &X_FORWARDED_FOR, &self.peer_ip, seen.has(Seen::X_FORWARDED_FOR));
         // Scheme and host as the client's side saw them: a front end that set them (an ingress
         // that terminated TLS) knows better than this hop inside the pod, and a list such as
@@ -292,6 +299,8 @@ struct Seen {
     host: Option<HeaderValue>,
     /// `Host` came more than once.
     host_repeated: bool,
+    /// `Cookie` came more than once (HTTP/2 clients send each cookie as a field of its own).
+    cookie_repeated: bool,
     /// A `Connection` value is other than the usual `keep-alive` or `close`: it may name
     /// headers to remove.
     connection_names: bool,
@@ -309,6 +318,7 @@ impl Seen {
     const X_FORWARDED_FOR: u16 = 1 << 7;
     const X_FORWARDED_PROTO: u16 = 1 << 8;
     const X_FORWARDED_HOST: u16 = 1 << 9;
+    const COOKIE: u16 = 1 << 10;
 
     fn scan(h: &HeaderMap) -> Seen {
         let mut seen = Seen::default();
@@ -317,6 +327,8 @@ impl Seen {
             if bit == Self::HOST {
                 seen.host_repeated = seen.host.is_some();
                 seen.host.get_or_insert_with(|| value.clone());
+            } else if bit == Self::COOKIE {
+                seen.cookie_repeated |= seen.has(Self::COOKIE);
             } else if bit == Self::CONNECTION {
                 let v = value.as_bytes();
                 seen.connection_names |= !v.eq_ignore_ascii_case(b"keep-alive") && !v.eq_ignore_ascii_case(b"close");
@@ -332,6 +344,8 @@ impl Seen {
             Self::HOST
         } else if name == header::CONNECTION {
             Self::CONNECTION
+        } else if name == header::COOKIE {
+            Self::COOKIE
         } else if name == header::TE {
             Self::TE
         } else if name == header::TRANSFER_ENCODING {
@@ -448,15 +462,24 @@ fn append(h: &mut HeaderMap, name: &HeaderName, value: &HeaderValue, present: bo
         h.append(name, value.clone());
         return;
     }
-    let mut joined = Vec::with_capacity(64);
-    for v in h.get_all(name) {
-        joined.extend_from_slice(v.as_bytes());
-        joined.extend_from_slice(b", ");
-    }
-    joined.extend_from_slice(value.as_bytes());
-    if let Ok(v) = HeaderValue::from_bytes(&joined) {
+    let mut line = joined(h.get_all(name), b", ");
+    line.extend_from_slice(b", ");
+    line.extend_from_slice(value.as_bytes());
+    if let Ok(v) = HeaderValue::from_bytes(&line) {
         h.insert(name.clone(), v);
     }
+}
+
+/// The values of one header's lines, in order, as one line with `sep` between them.
+fn joined(values: http::header::GetAll<'_, HeaderValue>, sep: &[u8]) -> Vec<u8> {
+    let mut line = Vec::with_capacity(128);
+    for (i, v) in values.iter().enumerate() {
+        if i > 0 {
+            line.extend_from_slice(sep);
+        }
+        line.extend_from_slice(v.as_bytes());
+    }
+    line
 }
 
 #[cfg(test)]

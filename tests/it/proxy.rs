@@ -199,6 +199,16 @@ async fn http2_prior_knowledge_clients_are_served() {
     // The app saw HTTP/1.1 with a Host taken from :authority.
     let h = app.state.last_headers.lock().unwrap().clone();
     assert_eq!(h["host"], p.proxy_addr.to_string());
+
+    // Browsers send each cookie as a field of its own over HTTP/2; an HTTP/1.1 app gets them
+    // on one line (RFC 9113 §8.2.3), as many read only the first.
+    let mut req = h2_get(p.proxy_addr, "/");
+    for c in ["session=s1", "theme=dark", "cart=3"] {
+        req.headers_mut().append("cookie", c.parse().unwrap());
+    }
+    assert_eq!(read(s.send_request(req).await.unwrap()).await.status, 200);
+    let h = app.state.last_headers.lock().unwrap().clone();
+    assert_eq!(h.get_all("cookie").iter().collect::<Vec<_>>(), ["session=s1; theme=dark; cart=3"]);
 }
 
 #[tokio::test]
