@@ -68,15 +68,14 @@ pub struct ProxyService {
     peer_ip: HeaderValue,
     /// The client speaks HTTP/2 (GOAWAY, not `Connection: close`, tells it to leave).
     h2: bool,
-    /// `X-Forwarded-Proto` for this connection: `https` when the proxy terminated TLS.
-    scheme: HeaderValue,
+    /// The proxy terminated TLS: `X-Forwarded-Proto: https`.
+    tls: bool,
 }
 
 impl ProxyService {
     pub fn new(proxy: Arc<Proxy>, conn: Arc<ConnState>, peer: SocketAddr, h2: bool, tls: bool) -> Self {
         let peer_ip = HeaderValue::from_str(&peer.ip().to_string()).unwrap_or(HeaderValue::from_static("unknown"));
-        let scheme = HeaderValue::from_static(if tls { "https" } else { "http" });
-        ProxyService { proxy, conn, peer, peer_ip, h2, scheme }
+        ProxyService { proxy, conn, peer, peer_ip, h2, tls }
     }
 
     async fn handle(self, req: Request<Incoming>) -> Result<Response<ResponseBody>, Infallible> {
@@ -187,7 +186,7 @@ impl ProxyService {
         // that terminated TLS) knows better than this hop inside the pod, and a list such as
         // `https, http` makes Tomcat's RemoteIpValve (Spring Boot) call the request insecure.
         if !seen.has(Seen::X_FORWARDED_PROTO) {
-            headers.append(&X_FORWARDED_PROTO, self.scheme.clone());
+            headers.append(&X_FORWARDED_PROTO, HeaderValue::from_static(if self.tls { "https" } else { "http" }));
         }
         if let (Some(host), false) = (&client_host, seen.has(Seen::X_FORWARDED_HOST)) {
             headers.append(&X_FORWARDED_HOST, host.clone());
@@ -325,8 +324,10 @@ impl Seen {
         for (name, value) in h {
             let bit = Self::bit(name);
             if bit == Self::HOST {
-                seen.host_repeated = seen.host.is_some();
-                seen.host.get_or_insert_with(|| value.clone());
+                match seen.host {
+                    None => seen.host = Some(value.clone()),
+                    Some(_) => seen.host_repeated = true,
+                }
             } else if bit == Self::COOKIE {
                 seen.cookie_repeated |= seen.has(Self::COOKIE);
             } else if bit == Self::CONNECTION {
