@@ -488,6 +488,21 @@ def fmt(v, d=0):
     return "-" if v is None else f"{v:,.{d}f}"
 
 
+def floor_verdict(floor):
+    """What the byte relay's figures leave of the 1.25× throughput and 0.8× CPU targets."""
+    through = max(a for (_, _, a, _) in floor.values())
+    said = [f"the 1.25× throughput target lies beyond it ({through:.2f}× at best)" if through < 1.25
+            else f"the relay reaches the 1.25× throughput target ({through:.2f}×)"]
+    fw, (_, us, _, c) = min(floor.items(), key=lambda kv: kv[1][3])
+    if c > 0.8:
+        said.append(f"so does the 0.8× CPU target ({c:.2f}× at best)")
+    else:
+        room = 0.8 * us / c - us
+        said.append(f"the relay meets the 0.8× CPU target on {fw} ({c:.2f}×), which leaves an HTTP proxy "
+                    f"{room:.1f} µs per request for all of its HTTP work (parsing, headers, pooling)")
+    return "; ".join(said)
+
+
 def render(results, latency, errors, memory, allocators, args):
     cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"], capture_output=True, text=True).stdout.strip()
     versions = {
@@ -609,8 +624,8 @@ def render(results, latency, errors, memory, allocators, args):
                           f"{c:.2f}× its CPU" for fw, (n, us, a, c) in floor.items())
         lines += [f"The floor, measured in the same run: a byte relay that parses no HTTP at all (HAProxy `mode tcp`, one "
                   f"app connection per client connection, pinned like the others) reaches {cells}. Every proxy here makes "
-                  "the same socket calls per request as that relay, so none can pass it on this topology; the 1.25× "
-                  "throughput and 0.8× CPU targets lie beyond it.", ""]
+                  f"the same socket calls per request as that relay, so none can pass it on this topology: "
+                  f"{floor_verdict(floor)}.", ""]
     lines += [f"On {w}, kernel time per request is {k['drainproxy']:.1f} µs for drainproxy, {k['nginx']:.1f} for nginx and "
               f"{k['haproxy']:.1f} for HAProxy: each makes the same four socket calls per request (`strace -c`). User time is "
               f"{u['drainproxy']:.1f}, {u['nginx']:.1f} and {u['haproxy']:.1f} µs. The app takes about {app_us:.1f} µs of the "
