@@ -66,7 +66,7 @@ pub async fn start(cfg: Config, opts: StartOptions) -> anyhow::Result<Running> {
         .next()
         .with_context(|| format!("upstream.address {:?} resolves to nothing", cfg.upstream.address))?;
     // Templates are filled in before anything is bound: a missing variable stops start-up.
-    let hooks = Hooks::prepare(&cfg.hooks, |name| std::env::var(name).ok()).map_err(anyhow::Error::msg)?;
+    let hooks = Hooks::prepare(&cfg.hooks, |name| std::env::var(name).ok())?;
     let tls = cfg.tls.as_ref().map(crate::tls::load).transpose()?;
     let proxy_listener =
         server::bind(cfg.listen).with_context(|| format!("cannot bind listen address {}", cfg.listen))?;

@@ -41,6 +41,14 @@ impl When {
             When::OnDrain => "on_drain",
         }
     }
+
+    /// The configuration field holding this list.
+    pub fn field(self) -> &'static str {
+        match self {
+            When::OnReady => "hooks.on_ready",
+            When::OnDrain => "hooks.on_drain",
+        }
+    }
 }
 
 /// One call, its templates filled in.
@@ -154,16 +162,26 @@ pub fn expand(text: &str, env: &impl Fn(&str) -> Option<String>) -> Result<Strin
     Ok(out)
 }
 
+/// A hook that cannot be prepared: `hooks.on_drain[2]: …` (counted from 1).
+#[derive(Debug, thiserror::Error)]
+#[error("{list}[{n}]: {message}")]
+pub struct HookError {
+    /// The configuration field holding the hook: `hooks.on_ready` or `hooks.on_drain`.
+    pub list: &'static str,
+    pub n: usize,
+    pub message: String,
+}
+
 impl Hooks {
     /// Fills in the templates of `cfg` from `env`; an error names the hook and what is wrong.
-    pub fn prepare(cfg: &HooksConfig, env: impl Fn(&str) -> Option<String>) -> Result<Self, String> {
+    pub fn prepare(cfg: &HooksConfig, env: impl Fn(&str) -> Option<String>) -> Result<Self, HookError> {
         let mut clients = Clients::default();
-        let mut list = |when: When, hooks: &[Hook]| -> Result<Arc<[Call]>, String> {
+        let mut list = |when: When, hooks: &[Hook]| -> Result<Arc<[Call]>, HookError> {
             hooks
                 .iter()
                 .enumerate()
                 .map(|(i, h)| {
-                    call(h, &env, &mut clients).map_err(|e| format!("hooks.{}[{}]: {e}", when.as_str(), i + 1))
+                    call(h, &env, &mut clients).map_err(|message| HookError { list: when.field(), n: i + 1, message })
                 })
                 .collect::<Result<Vec<_>, _>>()
                 .map(Arc::from)
@@ -319,9 +337,9 @@ mod tests {
             ca: None,
         };
         let cfg = |url: &str| HooksConfig { on_ready: vec![], on_drain: vec![hook("http://a/ok"), hook(url)] };
-        let err = Hooks::prepare(&cfg("ftp://registry/x"), env).unwrap_err();
+        let err = Hooks::prepare(&cfg("ftp://registry/x"), env).unwrap_err().to_string();
         assert!(err.starts_with("hooks.on_drain[2]: url \"ftp://registry/x\": must be an absolute http://"), "{err}");
-        let err = Hooks::prepare(&cfg("http://${REGISTRY}/x"), env).unwrap_err();
+        let err = Hooks::prepare(&cfg("http://${REGISTRY}/x"), env).unwrap_err().to_string();
         assert_eq!(err, "hooks.on_drain[2]: ${REGISTRY} is not set in the environment");
         let ok = Hooks::prepare(&cfg("http://registry:8848/v1/ns/instance?ip=${POD_IP}"), env).unwrap();
         assert_eq!(ok.on_drain[1].uri.to_string(), "http://registry:8848/v1/ns/instance?ip=10.1.2.3");

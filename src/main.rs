@@ -53,10 +53,9 @@ fn load(args: &ConfigArgs, strict_env: bool) -> Result<(Config, Vec<String>), St
         })
     };
     if let Err(e) = drainproxy::hooks::Hooks::prepare(&cfg.hooks, env) {
-        // `hooks.on_ready[1]: …`: point at the list in the file, as the other problems do.
+        // Point at the list in the file, as the other problems do.
         let place = args.config.as_deref().map(|path| {
-            let list = e.split('[').next().unwrap_or("hooks");
-            let line = std::fs::read_to_string(path).ok().and_then(|src| config::locate(&src, list));
+            let line = std::fs::read_to_string(path).ok().and_then(|src| config::locate(&src, e.list));
             line.map_or(format!("{}: ", path.display()), |l| format!("{}:{l}: ", path.display()))
         });
         return Err(one_problem(format!("{}{e}", place.unwrap_or_default())));
