@@ -2,9 +2,10 @@
 //!
 //! One app connection per client connection, bytes copied both ways as they come, no HTTP
 //! parsing: the same current-thread tokio runtime and socket options as drainproxy, and one
-//! buffer per direction for the connection's life. Whatever it costs per request is the kernel's TCP path, the
-//! scheduler and tokio's event loop; an HTTP proxy adds its HTTP work on top. The bench runs it
-//! beside HAProxy in `mode tcp`, so the floor is not one program's artifact.
+//! buffer per direction for the connection's life. Whatever it costs per request is the
+//! kernel's TCP path, the scheduler and tokio's event loop; an HTTP proxy adds its HTTP work on
+//! top. The bench runs it beside HAProxy in `mode tcp`, so the floor is not one program's
+//! artifact.
 //!
 //! `cargo run --release --example relay -- LISTEN APP`, e.g. `127.0.0.1:18320 127.0.0.1:18080`.
 //! Loopback only in the bench; it stops when killed.
