@@ -88,7 +88,11 @@ pub async fn start(cfg: Config, opts: StartOptions) -> anyhow::Result<Running> {
     ));
     let releases = opts.releases.unwrap_or_default();
     let (acceptor, reloader) = tls.unzip();
-    let ctx = Arc::new(ConnCtx::new(proxy, &cfg.limits, releases.clone()).with_tls(acceptor));
+    let ctx = Arc::new(
+        ConnCtx::new(proxy, &cfg.limits, releases.clone())
+            .with_tls(acceptor)
+            .with_fast_path(cfg.runtime.http1_fast_path),
+    );
     let listener = ProxyListener::start(proxy_listener, ctx)?;
     let proxy_addr = listener.local_addr();
 

@@ -178,6 +178,9 @@ pub struct DrainConfig {
 pub struct RuntimeConfig {
     /// 1 = current-thread runtime (one core, the usual sidecar budget).
     pub threads: usize,
+    /// HTTP/1.1 requests without a body are served by drainproxy's own server path
+    /// (`fast.rs`) instead of hyper's; false sends every request through hyper.
+    pub http1_fast_path: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -349,7 +352,7 @@ impl Default for DrainConfig {
 
 impl Default for RuntimeConfig {
     fn default() -> Self {
-        RuntimeConfig { threads: 1 }
+        RuntimeConfig { threads: 1, http1_fast_path: true }
     }
 }
 
@@ -386,6 +389,7 @@ pub const KEYS: &[&str] = &[
     "drain.token",
     "drain.exit_grace",
     "runtime.threads",
+    "runtime.http1_fast_path",
     "tls.cert",
     "tls.key",
     "tls.reload_interval",

@@ -129,10 +129,15 @@ impl ProxyError {
         }
     }
 
+    /// The body of this error's response: what went wrong, in one line.
+    pub fn body(&self) -> Bytes {
+        Bytes::from(format!("{self}\n"))
+    }
+
     /// The response for this error. `retry_after` is the preformatted `Retry-After` value.
     pub fn to_response(&self, retry_after: &HeaderValue) -> Response<ResponseBody> {
         let status = self.status();
-        let mut res = Response::new(ResponseBody::full(Bytes::from(format!("{}\n", self))));
+        let mut res = Response::new(ResponseBody::full(self.body()));
         *res.status_mut() = status;
         let h = res.headers_mut();
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));

@@ -132,21 +132,18 @@ impl Conn {
         Poll::Ready(Ok(n))
     }
 
-    /// Sends a request head (`head`, from [`encode_head`]) and reads the response's head.
-    pub async fn exchange(
-        &mut self,
-        head: &[u8],
-        method: &Method,
-    ) -> Result<(Response<()>, Framing, bool), ExchangeError> {
+    /// Sends a request head (`head`, from [`encode_head`]) and reads the final response's
+    /// head (interim responses skipped): parsed, the header fields as positions in it.
+    pub async fn exchange(&mut self, head: &[u8]) -> Result<Head, ExchangeError> {
         let written = self.io.write(head).await.map_err(ExchangeError::NotWritten)?;
         if written == 0 {
             return Err(ExchangeError::NotWritten(io::ErrorKind::WriteZero.into()));
         }
         self.io.write_all(&head[written..]).await.map_err(ExchangeError::Failed)?;
-        self.read_head(method).await.map_err(ExchangeError::Failed)
+        self.read_head().await.map_err(ExchangeError::Failed)
     }
 
-    async fn read_head(&mut self, method: &Method) -> io::Result<(Response<()>, Framing, bool)> {
+    async fn read_head(&mut self) -> io::Result<Head> {
         loop {
             if !self.buf.is_empty() {
                 if let Some((res, len)) = parse_head(&self.buf)? {
@@ -154,7 +151,7 @@ impl Conn {
                         return Err(invalid("head larger than 256 KiB"));
                     }
                     let status = res.status();
-                    let head = self.buf.split_to(len).freeze();
+                    let bytes = self.buf.split_to(len).freeze();
                     if status.is_informational() {
                         if status == StatusCode::SWITCHING_PROTOCOLS {
                             return Err(invalid("101 Switching Protocols to a request without an upgrade"));
@@ -162,9 +159,7 @@ impl Conn {
                         // 100 Continue, 103 Early Hints: the final response follows.
                         continue;
                     }
-                    let (mut res, fields) = with_headers(res, &head)?;
-                    let (framing, keep_alive) = framing(method, &mut res, fields)?;
-                    return Ok((res, framing, keep_alive));
+                    return Ok(Head { res, bytes });
                 }
                 if self.buf.len() >= MAX_HEAD {
                     return Err(invalid("head larger than 256 KiB"));
@@ -178,8 +173,65 @@ impl Conn {
     }
 }
 
+/// A final response head as read: status, version and reason parsed, the header fields as
+/// positions in `bytes`.
+pub struct Head {
+    res: Response<Spans>,
+    bytes: Bytes,
+}
+
+impl Head {
+    /// The response with a header map (for hyper's server), its framing, and whether the
+    /// connection may carry another exchange after it.
+    pub fn into_response(self, method: &Method) -> io::Result<(Response<()>, Framing, bool)> {
+        let (mut res, fields) = with_headers(self.res, &self.bytes)?;
+        let (framing, keep_alive, drop_length) = framing(method == Method::HEAD, &res, &fields)?;
+        if drop_length {
+            res.headers_mut().remove(header::CONTENT_LENGTH);
+        }
+        Ok((res, framing, keep_alive))
+    }
+
+    /// The response as its raw fields, for a server that writes them on as they came
+    /// (`fast.rs`), with the same framing as [`Head::into_response`].
+    pub fn into_raw(self, head_request: bool) -> io::Result<RawHead> {
+        let mut fields = Fields::default();
+        for (name, value) in self.res.body() {
+            fields.note(&self.bytes[name.clone()], &self.bytes[value.clone()]);
+        }
+        let (framing, keep_alive, drop_length) = framing(head_request, &self.res, &fields)?;
+        let (parts, spans) = self.res.into_parts();
+        Ok(RawHead {
+            bytes: self.bytes,
+            status: parts.status,
+            reason: parts.extensions.get::<hyper::ext::ReasonPhrase>().map(|r| Bytes::copy_from_slice(r.as_bytes())),
+            spans,
+            framing,
+            keep_alive,
+            drop_length,
+            connection_names: fields.connection_names,
+        })
+    }
+}
+
+/// A response head as the app sent it: see [`Head::into_raw`].
+pub struct RawHead {
+    pub bytes: Bytes,
+    pub status: StatusCode,
+    /// The reason phrase when it is not the status's usual one.
+    pub reason: Option<Bytes>,
+    pub spans: Spans,
+    pub framing: Framing,
+    /// The app connection may carry another exchange after this response.
+    pub keep_alive: bool,
+    /// `Content-Length` must not be passed on (the body is chunked too).
+    pub drop_length: bool,
+    /// A `Connection` value names other fields, which are hop-by-hop too.
+    pub connection_names: bool,
+}
+
 /// Where each parsed header's name and value lie in the head.
-type Spans = Vec<(std::ops::Range<usize>, std::ops::Range<usize>)>;
+pub type Spans = Vec<(std::ops::Range<usize>, std::ops::Range<usize>)>;
 
 /// The status line of a complete head at the start of `buf`, with the head's length; the
 /// header fields' positions travel as the response's body until [`with_headers`].
@@ -238,20 +290,29 @@ struct Fields {
     bad_length: bool,
     /// `Connection: close`.
     close: bool,
+    /// A `Connection` value other than `close` and `keep-alive`: it names fields to remove.
+    connection_names: bool,
 }
 
 impl Fields {
-    fn note(&mut self, name: &HeaderName, value: &[u8]) {
+    /// `name`: as it came, in any case.
+    fn note(&mut self, name: &[u8], value: &[u8]) {
         let tokens = || value.split(|&b| b == b',').map(<[u8]>::trim_ascii);
-        if name == header::CONTENT_LENGTH {
+        if name.eq_ignore_ascii_case(b"content-length") {
             for n in tokens().map(parse_decimal) {
                 self.bad_length |= n.is_none() || (self.length.is_some() && self.length != n);
                 self.length = n;
             }
-        } else if name == header::TRANSFER_ENCODING {
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             self.chunked = Some(tokens().next_back().is_some_and(|t| t.eq_ignore_ascii_case(b"chunked")));
-        } else if name == header::CONNECTION {
-            self.close |= tokens().any(|t| t.eq_ignore_ascii_case(b"close"));
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            for t in tokens() {
+                if t.eq_ignore_ascii_case(b"close") {
+                    self.close = true;
+                } else if !t.eq_ignore_ascii_case(b"keep-alive") && !t.is_empty() {
+                    self.connection_names = true;
+                }
+            }
         }
     }
 }
@@ -265,36 +326,40 @@ fn with_headers(res: Response<Spans>, head: &Bytes) -> io::Result<(Response<()>,
     for (name, value) in spans {
         let name = HeaderName::from_bytes(&head[name]).map_err(|_| invalid("bad header name"))?;
         let value = HeaderValue::from_maybe_shared(head.slice(value)).map_err(|_| invalid("bad header value"))?;
-        fields.note(&name, value.as_bytes());
+        fields.note(name.as_str().as_bytes(), value.as_bytes());
         map.append(name, value);
     }
     parts.headers = map;
     Ok((Response::from_parts(parts, ()), fields))
 }
 
-/// How the body of `res`, an answer to `method` with header `fields`, is delimited, and
-/// whether the connection can carry another exchange after it.
-fn framing(method: &Method, res: &mut Response<()>, fields: Fields) -> io::Result<(Framing, bool)> {
-    let mut keep_alive = res.version() == Version::HTTP_11 && !fields.close;
+/// How the body of `res`, an answer to a HEAD request or not, with header `fields`, is
+/// delimited; whether the connection can carry another exchange after it; and whether its
+/// `Content-Length` must be dropped.
+fn framing<B>(head_request: bool, res: &Response<B>, fields: &Fields) -> io::Result<(Framing, bool, bool)> {
+    let keep_alive = res.version() == Version::HTTP_11 && !fields.close;
     let status = res.status();
-    if method == Method::HEAD || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
-        return Ok((Framing::Done, keep_alive));
+    if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+        return Ok((Framing::Done, keep_alive, false));
     }
     if let Some(chunked) = fields.chunked {
         // Both framings at once is how requests are smuggled: the chunks win, the length is not
         // passed on (RFC 9112 §6.3), and the connection is not used again.
-        if res.headers_mut().remove(header::CONTENT_LENGTH).is_some() {
-            keep_alive = false;
-        }
-        return Ok(if chunked { (Framing::Chunked(Chunk::Size), keep_alive) } else { (Framing::ToEnd, false) });
+        let both = fields.length.is_some() || fields.bad_length;
+        let keep_alive = keep_alive && !both;
+        return Ok(if chunked {
+            (Framing::Chunked(Chunk::Size), keep_alive, both)
+        } else {
+            (Framing::ToEnd, false, both)
+        });
     }
     if fields.bad_length {
         return Err(invalid("bad or conflicting Content-Length"));
     }
     Ok(match fields.length {
-        Some(0) => (Framing::Done, keep_alive),
-        Some(n) => (Framing::Length(n), keep_alive),
-        None => (Framing::ToEnd, false),
+        Some(0) => (Framing::Done, keep_alive, false),
+        Some(n) => (Framing::Length(n), keep_alive, false),
+        None => (Framing::ToEnd, false, false),
     })
 }
 
@@ -541,8 +606,13 @@ mod tests {
     fn head(raw: &str, method: Method) -> io::Result<(Response<()>, Framing, bool, usize)> {
         let (res, len) = parse_head(raw.as_bytes())?.expect("complete head");
         let bytes = Bytes::copy_from_slice(&raw.as_bytes()[..len]);
-        let (mut res, fields) = with_headers(res, &bytes)?;
-        let (f, k) = framing(&method, &mut res, fields)?;
+        let raw_head = Head { res, bytes: bytes.clone() }.into_raw(method == Method::HEAD)?;
+        let (res, _) = parse_head(raw.as_bytes())?.expect("complete head");
+        let (res, f, k) = Head { res, bytes }.into_response(&method)?;
+        // Both views of a head agree on its framing, and on the length that is not passed on.
+        assert_eq!((&raw_head.framing, raw_head.keep_alive), (&f, k));
+        let length_sent = raw.to_ascii_lowercase().contains("content-length") && !raw_head.drop_length;
+        assert_eq!(length_sent, res.headers().contains_key("content-length"), "{raw}");
         Ok((res, f, k, len))
     }
 

@@ -11,6 +11,7 @@ pub mod cork;
 pub mod demo;
 pub mod demo_app;
 pub mod error;
+pub mod fast;
 pub mod goaway;
 pub mod health;
 pub mod hooks;

@@ -39,7 +39,7 @@ pub struct Proxy {
     pub state: watch::Receiver<State>,
     pub upstream: Arc<Upstream>,
     retry_after: HeaderValue,
-    access_log: bool,
+    pub(crate) access_log: bool,
     /// `Host` for requests that arrive without one (HTTP/1.0): the app's address.
     fallback_host: HeaderValue,
 }
@@ -62,14 +62,14 @@ impl Proxy {
 /// The service for one client connection.
 #[derive(Clone)]
 pub struct ProxyService {
-    proxy: Arc<Proxy>,
+    pub(crate) proxy: Arc<Proxy>,
     conn: Arc<ConnState>,
-    peer: SocketAddr,
-    peer_ip: HeaderValue,
+    pub(crate) peer: SocketAddr,
+    pub(crate) peer_ip: HeaderValue,
     /// The client speaks HTTP/2 (GOAWAY, not `Connection: close`, tells it to leave).
     h2: bool,
     /// The proxy terminated TLS: `X-Forwarded-Proto: https`.
-    tls: bool,
+    pub(crate) tls: bool,
 }
 
 impl ProxyService {
@@ -119,25 +119,7 @@ impl ProxyService {
                 return Ok(self.start_tunnel(res, client_upgrade, guard));
             }
             Ok((res, pooled)) => into_client_response(res, pooled, request_body),
-            Err(error) => {
-                if let Some(kind) = error.upstream_kind() {
-                    p.acct.metrics.upstream_error(kind);
-                }
-                if let Some(reason) = error.retry_reason() {
-                    p.acct.metrics.retry_hint(reason);
-                }
-                match &error {
-                    ProxyError::Released => {
-                        debug!(peer = %self.peer, "request after release answered with a retry hint")
-                    }
-                    ProxyError::ConnectMethod => debug!(peer = %self.peer, "CONNECT refused"),
-                    ProxyError::BadHost => debug!(peer = %self.peer, "request without exactly one Host refused"),
-                    _ => {
-                        warn!(error = %error, cause = ?std::error::Error::source(&error).map(|s| s.to_string()), peer = %self.peer, status = error.status().as_u16(), "upstream request failed")
-                    }
-                }
-                error.to_response(&p.retry_after)
-            }
+            Err(error) => self.failed(error),
         };
         // From t=0 every HTTP/1.1 response tells its connection to leave (DESIGN §4.2).
         // Read again now: a request that started before the drain may end after it.
@@ -149,6 +131,28 @@ impl ProxyService {
         }
         guard.set_status(res.status().as_u16());
         Ok(res.map(|b| b.with_guard(guard)))
+    }
+
+    /// Counts and logs a request that was not answered by the app, and builds its answer.
+    pub(crate) fn failed(&self, error: ProxyError) -> Response<ResponseBody> {
+        let p = &*self.proxy;
+        if let Some(kind) = error.upstream_kind() {
+            p.acct.metrics.upstream_error(kind);
+        }
+        if let Some(reason) = error.retry_reason() {
+            p.acct.metrics.retry_hint(reason);
+        }
+        match &error {
+            ProxyError::Released => {
+                debug!(peer = %self.peer, "request after release answered with a retry hint")
+            }
+            ProxyError::ConnectMethod => debug!(peer = %self.peer, "CONNECT refused"),
+            ProxyError::BadHost => debug!(peer = %self.peer, "request without exactly one Host refused"),
+            _ => {
+                warn!(error = %error, cause = ?std::error::Error::source(&error).map(|s| s.to_string()), peer = %self.peer, status = error.status().as_u16(), "upstream request failed")
+            }
+        }
+        error.to_response(&p.retry_after)
     }
 
     /// Rewrites the request for the app: hop-by-hop headers out, forwarding headers in,

@@ -31,6 +31,7 @@ use tracing::{debug, info, warn, Instrument};
 use crate::body::ConnState;
 use crate::config::LimitsConfig;
 use crate::cork::{Corked, Releases};
+use crate::fast;
 use crate::goaway::{Grace, GraceRead};
 use crate::metrics::CloseHow;
 use crate::proxy::{Proxy, ProxyService};
@@ -115,8 +116,13 @@ pub struct ConnCtx {
     pub proxy: Arc<Proxy>,
     h1: http1::Builder,
     h2: http2::Builder<TokioExecutor>,
-    header_read_timeout: Duration,
-    idle_timeout: Duration,
+    pub(crate) header_read_timeout: Duration,
+    pub(crate) idle_timeout: Duration,
+    /// `limits.max_header_bytes`.
+    pub(crate) max_head: usize,
+    /// HTTP/1.1 requests without a body take `fast.rs` (`runtime.http1_fast_path`, and an
+    /// HTTP/1.1 app: the path speaks the lean exchange).
+    fast: bool,
     limit: Arc<Semaphore>,
     releases: Arc<Releases>,
     /// Set when the listener terminates TLS (`tls.rs`).
@@ -141,10 +147,18 @@ impl ConnCtx {
             h2,
             header_read_timeout: limits.header_read_timeout.0,
             idle_timeout: limits.idle_timeout.0,
+            max_head: limits.max_header_bytes,
+            fast: false,
             limit: Arc::new(Semaphore::new(limits.max_connections)),
             releases,
             tls: None,
         }
+    }
+
+    /// Serves HTTP/1.1 requests without a body on `fast.rs` (only for an HTTP/1.1 app).
+    pub fn with_fast_path(mut self, on: bool) -> Self {
+        self.fast = on && self.proxy.upstream.protocol() == crate::config::UpstreamProtocol::Http1;
+        self
     }
 
     /// Terminates TLS on every connection with this acceptor.
@@ -261,6 +275,25 @@ async fn serve_proxy_conn(
     // The sniffed bytes are the start of the first request head.
     conn_state.bytes_read();
     loop {
+        if ctx.fast {
+            // Boxed, and so built per connection rather than sizing every connection's task
+            // (idle connections are the many; a parked one holds neither).
+            match Box::pin(fast::serve(&mut io, &svc, &conn_state, &ctx)).await {
+                fast::End::Close => {
+                    // TLS: close_notify. Plain: nothing; the socket closes as it drops.
+                    let _ = tokio::io::AsyncWriteExt::shutdown(&mut io).await;
+                    return;
+                }
+                fast::End::Park => {
+                    let _parked = acct.activity.connection_parked();
+                    if !Box::pin(parked(&io, &conn_state, &ctx)).await {
+                        return;
+                    }
+                    continue;
+                }
+                fast::End::Handoff => {}
+            }
+        }
         let served_before = conn_state.served();
         let mut conn = ctx.h1.serve_connection(TokioIo::new(io), svc).with_upgrades();
         if drive(Pin::new(&mut conn), None, served_before, &conn_state, &ctx).await == Ended::Done {
@@ -282,7 +315,7 @@ async fn serve_proxy_conn(
 /// How long an HTTP/1.1 keep-alive connection stays idle before it is parked: hyper's
 /// per-connection state and buffers (about 16 KiB) are dropped, and built again when the
 /// next request arrives. Busy connections never wait this long between requests.
-const PARK_AFTER: Duration = Duration::from_secs(1);
+pub(crate) const PARK_AFTER: Duration = Duration::from_secs(1);
 
 /// Waits, holding only the socket, until a parked connection has bytes to read (true) or
 /// must close: idle timeout, drain's idle close, process end (false).
@@ -625,7 +658,7 @@ pub struct Prefixed {
 
 impl Prefixed {
     /// Puts bytes read but not used back in front (hyper's read buffer, when parking).
-    fn unread(&mut self, bytes: Bytes) {
+    pub(crate) fn unread(&mut self, bytes: Bytes) {
         if bytes.is_empty() {
             return;
         }

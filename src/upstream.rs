@@ -154,7 +154,16 @@ impl Upstream {
     /// A request without a body, in a lean exchange (see `lean`) on a pooled connection or a
     /// new one. Retried once on a new connection only when not a byte of it was written.
     async fn send_lean(self: &Arc<Self>, req: Request<RequestBody>) -> Result<Response<LeanBody>, ProxyError> {
-        let head = lean::encode_head(&req);
+        let (conn, head) = self.exchange_lean(&lean::encode_head(&req)).await?;
+        let (res, framing, keep_alive) =
+            head.into_response(req.method()).map_err(|e| ProxyError::Upstream(e.into()))?;
+        Ok(res.map(|()| LeanBody::new(conn, framing, keep_alive, self.clone())))
+    }
+
+    /// Sends `head`, a request head without a body, in a lean exchange, and returns the
+    /// connection with the response's head read from it. Retried once on a new connection only
+    /// when not a byte of it was written.
+    pub async fn exchange_lean(&self, head: &[u8]) -> Result<(Conn, lean::Head), ProxyError> {
         let mut retried = false;
         loop {
             let pooled = if retried { None } else { self.checkout_lean() };
@@ -164,10 +173,8 @@ impl Upstream {
                 // Boxed: connecting is rare next to reusing, and its future is large.
                 None => Conn::new(Box::pin(self.connect()).await?),
             };
-            match with_timeout(self.request_timeout, conn.exchange(&head, req.method())).await? {
-                Ok((res, framing, keep_alive)) => {
-                    return Ok(res.map(|()| LeanBody::new(conn, framing, keep_alive, self.clone())));
-                }
+            match with_timeout(self.request_timeout, conn.exchange(head)).await? {
+                Ok(head) => return Ok((conn, head)),
                 Err(ExchangeError::NotWritten(e)) if reused => {
                     debug!(error = %e, "pooled connection failed before the request was written; retrying on a fresh one");
                     retried = true;

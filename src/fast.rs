@@ -1,0 +1,564 @@
+//! The HTTP/1.1 server's own path for the requests a sidecar mostly carries: a head without a
+//! body (GET, HEAD, most DELETE and OPTIONS), answered by the app over the lean exchange.
+//!
+//! hyper's server turns each request head into an `http::Request` (a header map, every name
+//! hashed, every value its own `Bytes`), the proxy rewrites that map, the lean client writes it
+//! out again, reads the app's head into a second map, and hyper writes that one out. This path
+//! parses the client's head with httparse on the stack and writes the app's head straight from
+//! it, with the same rewrite (`proxy.rs`, `ProxyService::prepare`): hop-by-hop fields out,
+//! `X-Forwarded-For` joined into one line with the peer appended, `X-Forwarded-Proto` and
+//! `X-Forwarded-Host` added when absent. The app's response head goes back the same way: its
+//! fields as they came, less the hop-by-hop ones, plus the framing the client needs. No header
+//! map is built on either side.
+//!
+//! Only what this path is sure to do exactly as hyper's would stays on it. Anything else is
+//! handed to hyper with the bytes already read, for the rest of the connection's life or until
+//! it parks: a body (`Content-Length`, `Transfer-Encoding`), `Expect`, `Upgrade`, a
+//! `Connection` naming other fields, a host that is not exactly one `Host` field, a target
+//! that is not a plain origin-form path, `CONNECT`, more than [`MAX_FIELDS`] fields, a head
+//! larger than `limits.max_header_bytes` or one httparse refuses (hyper answers those 400 or
+//! 431), and any request once the drain has released (hyper answers it with the retry hint).
+//!
+//! The drain rules are those of hyper's connections (`server.rs`): every response from t=0 of
+//! the drain carries `Connection: close` and the connection closes after it; an idle
+//! keep-alive closes at `min_delay`; a head must be complete within
+//! `limits.header_read_timeout` once its first bytes are here; a connection idle for
+//! `PARK_AFTER` goes back to `server.rs` to be parked, holding no buffer. A request is in
+//! flight from its head until the last byte of its response has been written.
+
+use std::cell::RefCell;
+use std::io::Write as _;
+use std::mem::MaybeUninit;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::{HeaderMap, Method, StatusCode};
+use http_body_util::BodyExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tracing::debug;
+
+use crate::body::{AccessInfo, ConnState, RequestGuard};
+use crate::error::ProxyError;
+use crate::lean::{Framing, LeanBody, RawHead};
+use crate::lifecycle::Phase;
+use crate::metrics::CloseHow;
+use crate::proxy::ProxyService;
+use crate::server::{ConnCtx, Prefixed, PARK_AFTER};
+
+/// Request header fields parsed on the stack; a head with more goes to hyper.
+pub const MAX_FIELDS: usize = 64;
+/// What each read of a request head asks for at least.
+const READ: usize = 4096;
+/// Body data up to this size is copied behind the head (one write); larger data is written
+/// from its own buffer.
+const COPY_MAX: usize = 16 * 1024;
+
+/// Why [`serve`] returned.
+#[derive(Debug, PartialEq, Eq)]
+pub enum End {
+    /// The connection is done: closed by the client, by the drain, by a timeout, or after a
+    /// response that closes it.
+    Close,
+    /// Idle for `PARK_AFTER` between requests, holding no buffer: park it.
+    Park,
+    /// A request this path does not serve: its bytes are back in `io` for hyper.
+    Handoff,
+}
+
+/// What [`parse`] made of the bytes so far.
+#[derive(Debug)]
+enum Parsed {
+    /// The head is not complete yet.
+    Partial,
+    /// Not for this path (see the module's list).
+    Handoff,
+    Ready(Request),
+}
+
+/// A request head taken by this path.
+#[derive(Debug)]
+struct Request {
+    /// Bytes of the client's head.
+    len: usize,
+    /// The client spoke HTTP/1.0.
+    http10: bool,
+    /// The client wants its connection kept after the response.
+    keep_alive: bool,
+    /// A HEAD request: the response has no body whatever its fields say.
+    head: bool,
+    /// The head for the app.
+    app_head: Vec<u8>,
+    /// Method and target, for the access log.
+    access: Option<(Method, String)>,
+}
+
+/// The request fields this path acts on.
+#[derive(Clone, Copy, PartialEq)]
+enum Field {
+    Host,
+    Connection,
+    /// Hop-by-hop fields that are simply not passed on.
+    HopByHop,
+    /// Fields that only hyper's path handles.
+    Handoff,
+    XForwardedFor,
+    XForwardedProto,
+    XForwardedHost,
+    Other,
+}
+
+fn field(name: &str) -> Field {
+    let is = |s: &str| name.eq_ignore_ascii_case(s);
+    match name.len() {
+        2 if is("te") => Field::HopByHop,
+        4 if is("host") => Field::Host,
+        6 if is("expect") => Field::Handoff,
+        7 if is("upgrade") => Field::Handoff,
+        10 if is("connection") => Field::Connection,
+        10 if is("keep-alive") => Field::HopByHop,
+        14 if is("content-length") => Field::Handoff,
+        15 if is("x-forwarded-for") => Field::XForwardedFor,
+        16 if is("proxy-connection") => Field::HopByHop,
+        16 if is("x-forwarded-host") => Field::XForwardedHost,
+        17 if is("transfer-encoding") => Field::Handoff,
+        17 if is("x-forwarded-proto") => Field::XForwardedProto,
+        _ => Field::Other,
+    }
+}
+
+/// An origin-form target of bytes `http::Uri` takes as they are: a path, a query, no
+/// fragment. Anything else (`#`, quotes, brackets, non-ASCII) goes to hyper, which parses
+/// the target as a URI and answers 400 or rewrites it.
+fn plain_target(path: &str) -> bool {
+    path.starts_with('/')
+        && path.bytes().all(|b| matches!(b, 0x21 | 0x24..=0x3B | 0x3D | 0x3F..=0x5A | 0x5F | 0x61..=0x7A | 0x7E))
+}
+
+/// Parses a request head at the start of `buf` and, when this path takes it, writes the head
+/// for the app.
+fn parse(buf: &[u8], max_head: usize, svc: &ProxyService, access_log: bool) -> Parsed {
+    let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_FIELDS];
+    let mut req = httparse::Request::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_request_with_uninit_headers(&mut req, buf, &mut fields) {
+        Ok(httparse::Status::Complete(len)) if len <= max_head => len,
+        Ok(httparse::Status::Partial) if buf.len() <= max_head => return Parsed::Partial,
+        _ => return Parsed::Handoff,
+    };
+    let (Some(method), Some(path), Some(version)) = (req.method, req.path, req.version) else {
+        return Parsed::Handoff;
+    };
+    if method == "CONNECT" || !plain_target(path) {
+        return Parsed::Handoff;
+    }
+    let mut host: Option<&[u8]> = None;
+    let (mut close, mut keep_alive) = (false, false);
+    let (mut xff, mut xfp, mut xfh) = (0, false, false);
+    for f in req.headers.iter() {
+        match field(f.name) {
+            Field::Host if host.is_none() => host = Some(f.value),
+            Field::Host | Field::Handoff => return Parsed::Handoff,
+            Field::Connection => {
+                for t in f.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                    if t.eq_ignore_ascii_case(b"close") {
+                        close = true;
+                    } else if t.eq_ignore_ascii_case(b"keep-alive") {
+                        keep_alive = true;
+                    } else if !t.is_empty() {
+                        // It names fields to remove: hyper's path reads the names.
+                        return Parsed::Handoff;
+                    }
+                }
+            }
+            Field::XForwardedFor => xff += 1,
+            Field::XForwardedProto => xfp = true,
+            Field::XForwardedHost => xfh = true,
+            Field::HopByHop | Field::Other => {}
+        }
+    }
+    // HTTP/1.0 may name no host; hyper's path then sends the app's address.
+    let Some(host) = host else { return Parsed::Handoff };
+    let http10 = version == 0;
+
+    let peer_ip = svc.peer_ip.as_bytes();
+    let mut out = Vec::with_capacity(len + 96 + peer_ip.len() + host.len());
+    out.extend_from_slice(method.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(path.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for f in req.headers.iter() {
+        match field(f.name) {
+            Field::Connection | Field::HopByHop | Field::XForwardedFor => continue,
+            _ => {}
+        }
+        out.extend_from_slice(f.name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(f.value);
+        out.extend_from_slice(b"\r\n");
+    }
+    // One X-Forwarded-For line: the client's, joined, then this hop's peer.
+    out.extend_from_slice(b"x-forwarded-for: ");
+    if xff > 0 {
+        for f in req.headers.iter().filter(|f| field(f.name) == Field::XForwardedFor) {
+            out.extend_from_slice(f.value);
+            out.extend_from_slice(b", ");
+        }
+    }
+    out.extend_from_slice(peer_ip);
+    out.extend_from_slice(b"\r\n");
+    if !xfp {
+        out.extend_from_slice(if svc.tls { b"x-forwarded-proto: https\r\n" } else { b"x-forwarded-proto: http\r\n" });
+    }
+    if !xfh {
+        out.extend_from_slice(b"x-forwarded-host: ");
+        out.extend_from_slice(host);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    let access = access_log.then(|| (Method::from_bytes(method.as_bytes()).unwrap_or_default(), path.to_string()));
+    Parsed::Ready(Request {
+        len,
+        http10,
+        keep_alive: if http10 { keep_alive && !close } else { !close },
+        head: method == "HEAD",
+        app_head: out,
+        access,
+    })
+}
+
+/// What woke a connection waiting for a request head.
+enum Wake {
+    Read(std::io::Result<usize>),
+    State(bool),
+    Timer,
+}
+
+/// Serves requests on an HTTP/1.1 connection until it closes, parks, or brings a request
+/// for hyper. `io` holds no unread bytes when this returns, except on [`End::Handoff`].
+pub async fn serve(io: &mut Prefixed, svc: &ProxyService, conn: &Arc<ConnState>, ctx: &ConnCtx) -> End {
+    let p = &*svc.proxy;
+    let mut state = p.state.clone();
+    let mut watching = true;
+    let mut buf = BytesMut::new();
+    let mut out: Vec<u8> = Vec::new();
+    let head_timeout = ctx.header_read_timeout;
+    let idle_timeout = ctx.idle_timeout;
+    let recheck = idle_timeout.min(PARK_AFTER).min(head_timeout);
+    // The connection's one timer, looked at only when it fires (no timer per request): the
+    // bound on a head being read, counted from the first check that sees its bytes, as
+    // `server::drive` counts it; the idle timeout; parking.
+    let timer = tokio::time::sleep(recheck);
+    tokio::pin!(timer);
+    // Bytes of a head are here already (what brought the connection to this path).
+    let mut head_seen: Option<(u32, Instant)> = Some((conn.served(), Instant::now()));
+    loop {
+        let mut req = loop {
+            if !buf.is_empty() {
+                match parse(&buf, ctx.max_head, svc, p.access_log) {
+                    Parsed::Ready(req) => break req,
+                    Parsed::Handoff => {
+                        io.unread(buf.freeze());
+                        return End::Handoff;
+                    }
+                    Parsed::Partial => {}
+                }
+            }
+            if buf.capacity() - buf.len() < READ {
+                buf.reserve(READ);
+            }
+            let wake = tokio::select! {
+                biased;
+                r = io.read_buf(&mut buf) => Wake::Read(r),
+                c = state.changed(), if watching => Wake::State(c.is_ok()),
+                () = &mut timer => Wake::Timer,
+            };
+            match wake {
+                Wake::Read(Ok(0)) => return End::Close,
+                Wake::Read(Ok(_)) => {}
+                Wake::Read(Err(error)) => {
+                    debug!(%error, "client connection ended with an error");
+                    return End::Close;
+                }
+                Wake::State(alive) => {
+                    // The lifecycle gone means the process is stopping: as a drain's idle close.
+                    watching = alive;
+                    let close_idle = !alive || state.borrow_and_update().close_idle;
+                    // Only a keep-alive idle between requests closes; bytes here are a request
+                    // on its way, whose response will say `Connection: close`.
+                    if close_idle && buf.is_empty() && conn.served() > 0 {
+                        if alive {
+                            p.acct.metrics.connection_closed(CloseHow::IdleClose);
+                            debug!("drain: idle keep-alive closed at min_delay");
+                        }
+                        return End::Close;
+                    }
+                }
+                Wake::Timer => {
+                    let now = Instant::now();
+                    let next = if buf.is_empty() {
+                        head_seen = None;
+                        let since = conn.idle_since();
+                        if now >= since + idle_timeout {
+                            debug!(idle_timeout_ms = idle_timeout.as_millis() as u64, "closing idle client connection");
+                            return End::Close;
+                        }
+                        if now >= since + PARK_AFTER {
+                            return End::Park;
+                        }
+                        since + PARK_AFTER.min(idle_timeout)
+                    } else {
+                        let served = conn.served();
+                        let since = match head_seen {
+                            Some((s, t)) if s == served => t,
+                            _ => head_seen.insert((served, now)).1,
+                        };
+                        if now >= since + head_timeout {
+                            debug!(
+                                header_read_timeout_ms = head_timeout.as_millis() as u64,
+                                "request head not complete within limits.header_read_timeout: closing"
+                            );
+                            return End::Close;
+                        }
+                        (since + head_timeout).min(now + recheck)
+                    };
+                    timer.as_mut().reset(next.max(now).into());
+                }
+            }
+        };
+
+        let phase = state.borrow().phase;
+        if phase == Phase::Drained {
+            // Released: hyper's path answers with the retry hint, as it does for every client.
+            io.unread(buf.freeze());
+            return End::Handoff;
+        }
+        buf.advance(req.len);
+        let mut guard = RequestGuard::start(p.acct.clone(), conn.clone(), phase, Instant::now());
+        if phase.is_draining() {
+            p.acct.metrics.drain_requests.inc();
+        }
+        if let Some((method, path)) = req.access.take() {
+            guard.set_access(AccessInfo { method, path, peer: svc.peer });
+        }
+        let answer = match p.upstream.exchange_lean(&req.app_head).await {
+            Ok((app, head)) => match head.into_raw(req.head) {
+                Ok(raw) => Ok((app, raw)),
+                Err(e) => Err(ProxyError::Upstream(e.into())),
+            },
+            Err(e) => Err(e),
+        };
+        // Read again now: a request that started before the drain may end after it.
+        let draining = state.borrow().phase.is_draining();
+        out.clear();
+        let keep = match answer {
+            Ok((app, raw)) => {
+                guard.set_status(raw.status.as_u16());
+                let chunked = matches!(raw.framing, Framing::Chunked(_) | Framing::ToEnd);
+                // An HTTP/1.0 client cannot take chunks: the body runs to the connection's end.
+                // From t=0 every HTTP/1.1 response tells its connection to leave (DESIGN §4.2).
+                let keep = req.keep_alive && !draining && !(chunked && req.http10);
+                if draining {
+                    p.acct.metrics.connection_closed(CloseHow::ConnectionClose);
+                }
+                let trailers = write_head(&mut out, &req, &raw, keep);
+                let body = LeanBody::new(app, raw.framing, raw.keep_alive, p.upstream.clone());
+                if write_body(io, &mut out, body, chunked && !req.http10, trailers).await.is_err() {
+                    return End::Close;
+                }
+                keep
+            }
+            Err(error) => {
+                let body = error.body();
+                let res = svc.failed(error);
+                guard.set_status(res.status().as_u16());
+                let says_close = res.headers().contains_key(http::header::CONNECTION);
+                let keep = req.keep_alive && !draining && !says_close;
+                if draining && !says_close {
+                    p.acct.metrics.connection_closed(CloseHow::ConnectionClose);
+                }
+                write_status(&mut out, req.http10, res.status(), None);
+                for (name, value) in res.headers().iter().filter(|(n, _)| *n != http::header::CONNECTION) {
+                    write_field(&mut out, name.as_str().as_bytes(), value.as_bytes());
+                }
+                write_field(&mut out, b"content-length", body.len().to_string().as_bytes());
+                end_head(&mut out, true, keep, req.http10);
+                if !req.head {
+                    out.extend_from_slice(&body);
+                }
+                if io.write_all(&out).await.is_err() || io.flush().await.is_err() {
+                    return End::Close;
+                }
+                keep
+            }
+        };
+        // The response is written: the request is no longer in flight.
+        drop(guard);
+        if !keep {
+            let _ = io.shutdown().await;
+            return End::Close;
+        }
+        if out.capacity() > 4 * COPY_MAX {
+            out = Vec::new();
+        }
+        if buf.is_empty() {
+            // Between requests a connection holds no read buffer (idle ones are the many).
+            buf = BytesMut::new();
+        }
+    }
+}
+
+fn write_status(out: &mut Vec<u8>, http10: bool, status: StatusCode, reason: Option<&[u8]>) {
+    out.extend_from_slice(if http10 { b"HTTP/1.0 " } else { b"HTTP/1.1 " });
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(reason.unwrap_or(status.canonical_reason().unwrap_or("").as_bytes()));
+    out.extend_from_slice(b"\r\n");
+}
+
+fn write_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The end of a response head: `Date` unless the app sent one (RFC 9110 §6.6.1 asks a proxy
+/// to add it), `Connection` as hyper writes it, the empty line.
+fn end_head(out: &mut Vec<u8>, add_date: bool, keep: bool, http10: bool) {
+    if add_date {
+        DATE.with(|d| {
+            let mut d = d.borrow_mut();
+            let now = SystemTime::now();
+            let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            if d.0 != secs {
+                *d = (secs, httpdate::fmt_http_date(now));
+            }
+            write_field(out, b"date", d.1.as_bytes());
+        });
+    }
+    if !keep {
+        out.extend_from_slice(b"connection: close\r\n");
+    } else if http10 {
+        out.extend_from_slice(b"connection: keep-alive\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+thread_local! {
+    /// The `Date` value of the current second.
+    static DATE: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+}
+
+/// Whether `name` is among the comma-separated names in any of `values`.
+fn named_in(values: &[&[u8]], name: &[u8]) -> bool {
+    values.iter().flat_map(|v| v.split(|&b| b == b',')).any(|t| t.trim_ascii().eq_ignore_ascii_case(name))
+}
+
+/// Writes the client's response head into `out`; returns the trailer field names the app
+/// declared (`Trailer`), the only trailers hyper passes on in a chunked body too.
+fn write_head(out: &mut Vec<u8>, req: &Request, raw: &RawHead, keep: bool) -> Vec<Bytes> {
+    let b = &raw.bytes;
+    write_status(out, req.http10, raw.status, raw.reason.as_deref());
+    let named: Vec<&[u8]> = if raw.connection_names {
+        raw.spans
+            .iter()
+            .filter(|(n, _)| b[n.clone()].eq_ignore_ascii_case(b"connection"))
+            .map(|(_, v)| &b[v.clone()])
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let mut trailers = Vec::new();
+    let mut has_date = false;
+    for (n, v) in &raw.spans {
+        let name = &b[n.clone()];
+        let hop_by_hop = match name.len() {
+            2 => name.eq_ignore_ascii_case(b"te"),
+            7 => name.eq_ignore_ascii_case(b"upgrade"),
+            10 => name.eq_ignore_ascii_case(b"connection") || name.eq_ignore_ascii_case(b"keep-alive"),
+            14 => raw.drop_length && name.eq_ignore_ascii_case(b"content-length"),
+            16 => name.eq_ignore_ascii_case(b"proxy-connection"),
+            17 => name.eq_ignore_ascii_case(b"transfer-encoding"),
+            _ => false,
+        };
+        if hop_by_hop || (!named.is_empty() && named_in(&named, name)) {
+            continue;
+        }
+        has_date |= name.eq_ignore_ascii_case(b"date");
+        if name.eq_ignore_ascii_case(b"trailer") {
+            let value = b.slice(v.clone());
+            trailers
+                .extend(value.split(|&c| c == b',').map(|t| value.slice_ref(t.trim_ascii())).filter(|t| !t.is_empty()));
+        }
+        out.extend_from_slice(&b[n.start..v.end]);
+        out.extend_from_slice(b"\r\n");
+    }
+    if matches!(raw.framing, Framing::Chunked(_) | Framing::ToEnd) && !req.http10 {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    end_head(out, !has_date, keep, req.http10);
+    trailers
+}
+
+/// Writes the response: the head in `out`, then the body as the app sends it (chunked when
+/// `chunked`). A body the app cuts short ends the connection, as hyper's path does.
+async fn write_body(
+    io: &mut Prefixed,
+    out: &mut Vec<u8>,
+    mut body: LeanBody,
+    chunked: bool,
+    declared: Vec<Bytes>,
+) -> std::io::Result<()> {
+    let mut trailers: Option<HeaderMap> = None;
+    while let Some(frame) = body.frame().await {
+        let frame = match frame {
+            Ok(f) => f,
+            Err(error) => {
+                debug!(%error, "app response body failed: closing the client connection");
+                let _ = io.write_all(out).await;
+                return Err(error);
+            }
+        };
+        match frame.into_data() {
+            Ok(data) => {
+                if data.is_empty() {
+                    continue;
+                }
+                if chunked {
+                    let _ = write!(out, "{:x}\r\n", data.len());
+                }
+                if out.len() + data.len() <= COPY_MAX {
+                    out.extend_from_slice(&data);
+                } else {
+                    io.write_all(out).await?;
+                    out.clear();
+                    io.write_all(&data).await?;
+                }
+                if chunked {
+                    out.extend_from_slice(b"\r\n");
+                }
+                // More to come: what is here goes now, or a streamed body would wait.
+                if !http_body::Body::is_end_stream(&body) && !out.is_empty() {
+                    io.write_all(out).await?;
+                    out.clear();
+                }
+            }
+            Err(frame) => trailers = frame.into_trailers().ok(),
+        }
+    }
+    if chunked {
+        out.extend_from_slice(b"0\r\n");
+        if let Some(t) = trailers.filter(|_| !declared.is_empty()) {
+            for (name, value) in &t {
+                if declared.iter().any(|d| d.eq_ignore_ascii_case(name.as_str().as_bytes())) {
+                    write_field(out, name.as_str().as_bytes(), value.as_bytes());
+                }
+            }
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+    if !out.is_empty() {
+        io.write_all(out).await?;
+    }
+    io.flush().await
+}
