@@ -87,6 +87,8 @@ struct Request {
     keep_alive: bool,
     /// A HEAD request: the response has no body whatever its fields say.
     head: bool,
+    /// `TE: trailers`: the client takes trailer fields (those the app declared).
+    trailers: bool,
     /// The head for the app.
     app_head: Vec<u8>,
     /// Method and target, for the access log.
@@ -97,6 +99,7 @@ struct Request {
 #[derive(Clone, Copy, PartialEq)]
 enum Field {
     Host,
+    Te,
     Connection,
     /// Hop-by-hop fields that are simply not passed on.
     HopByHop,
@@ -111,7 +114,7 @@ enum Field {
 fn field(name: &str) -> Field {
     let is = |s: &str| name.eq_ignore_ascii_case(s);
     match name.len() {
-        2 if is("te") => Field::HopByHop,
+        2 if is("te") => Field::Te,
         4 if is("host") => Field::Host,
         6 if is("expect") => Field::Handoff,
         7 if is("upgrade") => Field::Handoff,
@@ -125,6 +128,11 @@ fn field(name: &str) -> Field {
         17 if is("x-forwarded-proto") => Field::XForwardedProto,
         _ => Field::Other,
     }
+}
+
+/// The comma-separated tokens of a field value.
+fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value.split(|&b| b == b',').map(<[u8]>::trim_ascii)
 }
 
 /// An origin-form target of bytes `http::Uri` takes as they are: a path, a query, no
@@ -152,14 +160,14 @@ fn parse(buf: &[u8], max_head: usize, svc: &ProxyService, access_log: bool) -> P
         return Parsed::Handoff;
     }
     let mut host: Option<&[u8]> = None;
-    let (mut close, mut keep_alive) = (false, false);
+    let (mut close, mut keep_alive, mut trailers) = (false, false, false);
     let (mut xff, mut xfp, mut xfh) = (0, false, false);
     for f in req.headers.iter() {
         match field(f.name) {
             Field::Host if host.is_none() => host = Some(f.value),
             Field::Host | Field::Handoff => return Parsed::Handoff,
             Field::Connection => {
-                for t in f.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                for t in tokens(f.value) {
                     if t.eq_ignore_ascii_case(b"close") {
                         close = true;
                     } else if t.eq_ignore_ascii_case(b"keep-alive") {
@@ -170,6 +178,7 @@ fn parse(buf: &[u8], max_head: usize, svc: &ProxyService, access_log: bool) -> P
                     }
                 }
             }
+            Field::Te => trailers |= tokens(f.value).any(|t| t.eq_ignore_ascii_case(b"trailers")),
             Field::XForwardedFor => xff += 1,
             Field::XForwardedProto => xfp = true,
             Field::XForwardedHost => xfh = true,
@@ -188,7 +197,7 @@ fn parse(buf: &[u8], max_head: usize, svc: &ProxyService, access_log: bool) -> P
     out.extend_from_slice(b" HTTP/1.1\r\n");
     for f in req.headers.iter() {
         match field(f.name) {
-            Field::Connection | Field::HopByHop | Field::XForwardedFor => continue,
+            Field::Connection | Field::Te | Field::HopByHop | Field::XForwardedFor => continue,
             _ => {}
         }
         out.extend_from_slice(f.name.as_bytes());
@@ -221,6 +230,7 @@ fn parse(buf: &[u8], max_head: usize, svc: &ProxyService, access_log: bool) -> P
         http10,
         keep_alive: if http10 { keep_alive && !close } else { !close },
         head: method == "HEAD",
+        trailers,
         app_head: out,
         access,
     })
@@ -360,7 +370,8 @@ pub async fn serve(io: &mut Prefixed, svc: &ProxyService, conn: &Arc<ConnState>,
                 if draining {
                     p.acct.metrics.connection_closed(CloseHow::ConnectionClose);
                 }
-                let trailers = write_head(&mut out, &req, &raw, keep);
+                let end = Ending { keep, http10: req.http10, say_close: req.keep_alive || draining };
+                let trailers = write_head(&mut out, &req, &raw, end);
                 let body = LeanBody::new(app, raw.framing, raw.keep_alive, p.upstream.clone());
                 if write_body(io, &mut out, body, chunked && !req.http10, trailers).await.is_err() {
                     return End::Close;
@@ -381,7 +392,11 @@ pub async fn serve(io: &mut Prefixed, svc: &ProxyService, conn: &Arc<ConnState>,
                     write_field(&mut out, name.as_str().as_bytes(), value.as_bytes());
                 }
                 write_field(&mut out, b"content-length", body.len().to_string().as_bytes());
-                end_head(&mut out, true, keep, req.http10);
+                end_head(
+                    &mut out,
+                    true,
+                    Ending { keep, http10: req.http10, say_close: req.keep_alive || draining || says_close },
+                );
                 if !req.head {
                     out.extend_from_slice(&body);
                 }
@@ -422,9 +437,21 @@ fn write_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// How a response head ends its connection's say: HTTP/1.1 says `close` when the connection
+/// closes after it; HTTP/1.0, where closing is the default, says `keep-alive` when it stays
+/// open, and `close` when the client asked to keep it or the drain is on (as hyper's path
+/// writes it; where hyper would write `close, keep-alive`, this says `close` alone).
+#[derive(Clone, Copy)]
+struct Ending {
+    keep: bool,
+    http10: bool,
+    /// The client asked to keep the connection, or the drain is on.
+    say_close: bool,
+}
+
 /// The end of a response head: `Date` unless the app sent one (RFC 9110 §6.6.1 asks a proxy
-/// to add it), `Connection` as hyper writes it, the empty line.
-fn end_head(out: &mut Vec<u8>, add_date: bool, keep: bool, http10: bool) {
+/// to add it), `Connection`, the empty line.
+fn end_head(out: &mut Vec<u8>, add_date: bool, end: Ending) {
     if add_date {
         DATE.with(|d| {
             let mut d = d.borrow_mut();
@@ -436,10 +463,12 @@ fn end_head(out: &mut Vec<u8>, add_date: bool, keep: bool, http10: bool) {
             write_field(out, b"date", d.1.as_bytes());
         });
     }
-    if !keep {
+    if end.keep {
+        if end.http10 {
+            out.extend_from_slice(b"connection: keep-alive\r\n");
+        }
+    } else if !end.http10 || end.say_close {
         out.extend_from_slice(b"connection: close\r\n");
-    } else if http10 {
-        out.extend_from_slice(b"connection: keep-alive\r\n");
     }
     out.extend_from_slice(b"\r\n");
 }
@@ -451,12 +480,13 @@ thread_local! {
 
 /// Whether `name` is among the comma-separated names in any of `values`.
 fn named_in(values: &[&[u8]], name: &[u8]) -> bool {
-    values.iter().flat_map(|v| v.split(|&b| b == b',')).any(|t| t.trim_ascii().eq_ignore_ascii_case(name))
+    values.iter().flat_map(|v| tokens(v)).any(|t| t.eq_ignore_ascii_case(name))
 }
 
-/// Writes the client's response head into `out`; returns the trailer field names the app
-/// declared (`Trailer`), the only trailers hyper passes on in a chunked body too.
-fn write_head(out: &mut Vec<u8>, req: &Request, raw: &RawHead, keep: bool) -> Vec<Bytes> {
+/// Writes the client's response head into `out`; returns the trailer fields to pass on in a
+/// chunked body: as hyper does, those the app declared (`Trailer`), to a client that said
+/// `TE: trailers`.
+fn write_head(out: &mut Vec<u8>, req: &Request, raw: &RawHead, end: Ending) -> Vec<Bytes> {
     let b = &raw.bytes;
     write_status(out, req.http10, raw.status, raw.reason.as_deref());
     let named: Vec<&[u8]> = if raw.connection_names {
@@ -470,6 +500,8 @@ fn write_head(out: &mut Vec<u8>, req: &Request, raw: &RawHead, keep: bool) -> Ve
     };
     let mut trailers = Vec::new();
     let mut has_date = false;
+    // `Trailer` announces fields after a chunked body: not to a client that cannot get one.
+    let no_chunks = req.http10 || req.head || matches!(raw.status.as_u16(), 204 | 304);
     for (n, v) in &raw.spans {
         let name = &b[n.clone()];
         let hop_by_hop = match name.len() {
@@ -484,8 +516,12 @@ fn write_head(out: &mut Vec<u8>, req: &Request, raw: &RawHead, keep: bool) -> Ve
         if hop_by_hop || (!named.is_empty() && named_in(&named, name)) {
             continue;
         }
+        let trailer_field = name.eq_ignore_ascii_case(b"trailer");
+        if trailer_field && no_chunks {
+            continue;
+        }
         has_date |= name.eq_ignore_ascii_case(b"date");
-        if name.eq_ignore_ascii_case(b"trailer") {
+        if trailer_field && req.trailers {
             let value = b.slice(v.clone());
             trailers
                 .extend(value.split(|&c| c == b',').map(|t| value.slice_ref(t.trim_ascii())).filter(|t| !t.is_empty()));
@@ -496,7 +532,7 @@ fn write_head(out: &mut Vec<u8>, req: &Request, raw: &RawHead, keep: bool) -> Ve
     if matches!(raw.framing, Framing::Chunked(_) | Framing::ToEnd) && !req.http10 {
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
     }
-    end_head(out, !has_date, keep, req.http10);
+    end_head(out, !has_date, end);
     trailers
 }
 

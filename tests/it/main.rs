@@ -4,6 +4,7 @@
 mod binary;
 mod deploy;
 mod drain;
+mod fast;
 mod hooks;
 mod inject;
 mod peers;

@@ -939,51 +939,7 @@ async fn a_connection_whose_request_body_is_unfinished_is_not_parked() {
     );
 }
 
-/// An app that answers each request with the bytes `answer` gives for its path, verbatim,
-/// closing the connection after the paths it names; counts the connections that brought a
-/// request (not the proxy's TCP checks).
-async fn scripted_app(
-    answer: fn(&str) -> (&'static [u8], bool),
-) -> (std::net::SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let count = accepted.clone();
-    tokio::spawn(async move {
-        loop {
-            let (mut s, _) = l.accept().await.unwrap();
-            let count = count.clone();
-            tokio::spawn(async move {
-                let mut first = true;
-                let mut got = Vec::new();
-                let mut buf = [0u8; 4096];
-                loop {
-                    let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") else {
-                        match s.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => got.extend_from_slice(&buf[..n]),
-                        }
-                        continue;
-                    };
-                    let head = String::from_utf8_lossy(&got[..end]).into_owned();
-                    got.drain(..end + 4);
-                    if std::mem::take(&mut first) {
-                        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                    }
-                    let path = head.split(' ').nth(1).unwrap_or("/").to_string();
-                    let (bytes, close) = answer(&path);
-                    if s.write_all(bytes).await.is_err() || close {
-                        let _ = s.shutdown().await;
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    (addr, accepted)
-}
-
-fn framings(path: &str) -> (&'static [u8], bool) {
+pub fn framings(path: &str) -> (&'static [u8], bool) {
     match path {
         "/length" => (b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello", false),
         "/chunked" => (
@@ -1010,7 +966,7 @@ fn framings(path: &str) -> (&'static [u8], bool) {
 #[tokio::test]
 async fn every_http1_response_framing_reaches_the_client_and_only_clean_ends_reuse_the_connection() {
     use std::sync::atomic::Ordering::SeqCst;
-    let (addr, accepted) = scripted_app(framings).await;
+    let Scripted { addr, accepted, .. } = scripted_app(framings).await;
     let p = proxy(addr, |c| c.health.path = None).await;
     let mut c = h1(p.proxy_addr).await;
     for (path, body) in [("/length", "hello"), ("/chunked", "hello world"), ("/interim", "ok"), ("/empty", "")] {
@@ -1041,7 +997,7 @@ async fn every_http1_response_framing_reaches_the_client_and_only_clean_ends_reu
 
 #[tokio::test]
 async fn a_response_the_proxy_cannot_frame_is_a_502_or_a_cut_body() {
-    let (addr, _) = scripted_app(framings).await;
+    let Scripted { addr, .. } = scripted_app(framings).await;
     let p = proxy(addr, |c| c.health.path = None).await;
     for path in ["/bad-length", "/switch"] {
         let r = get(p.proxy_addr, path).await;
@@ -1080,7 +1036,7 @@ async fn response_heads_are_bounded_in_bytes_not_in_fields() {
             _ => (HUGE.get_or_init(|| head(40, 8 * 1024)), false),
         }
     }
-    let (addr, _) = scripted_app(big).await;
+    let Scripted { addr, .. } = scripted_app(big).await;
     let p = proxy(addr, |c| c.health.path = None).await;
     let r = get(p.proxy_addr, "/many").await;
     assert_eq!((r.status.as_u16(), r.headers.len() > 90, r.text().as_str()), (200, true, "ok"));
@@ -1091,7 +1047,7 @@ async fn response_heads_are_bounded_in_bytes_not_in_fields() {
 /// as HTTP/1.1 and keeps the client's connection.
 #[tokio::test]
 async fn an_http10_app_does_not_close_the_clients_keep_alive() {
-    let (addr, accepted) = scripted_app(framings).await;
+    let Scripted { addr, accepted, .. } = scripted_app(framings).await;
     let p = proxy(addr, |c| c.health.path = None).await;
     let mut c = h1(p.proxy_addr).await;
     for i in 0..3 {

@@ -394,3 +394,67 @@ pub fn bin() -> &'static str {
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
+
+/// A scripted app (see [`scripted_app`]): where it listens, the connections that brought a
+/// request (not the proxy's TCP checks), and every request head it read, in order.
+pub struct Scripted {
+    pub addr: SocketAddr,
+    pub accepted: Arc<AtomicUsize>,
+    pub heads: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+/// An app that answers each request with the bytes `answer` gives for its path, verbatim,
+/// closing the connection after the paths it names. A request body framed by
+/// `Content-Length` is read and discarded.
+pub async fn scripted_app(answer: fn(&str) -> (&'static [u8], bool)) -> Scripted {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let heads = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (count, seen) = (accepted.clone(), heads.clone());
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            let (count, seen) = (count.clone(), seen.clone());
+            tokio::spawn(async move {
+                let mut first = true;
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                let mut body_left = 0usize;
+                loop {
+                    let skip = body_left.min(got.len());
+                    got.drain(..skip);
+                    body_left -= skip;
+                    let end = got.windows(4).position(|w| w == b"\r\n\r\n");
+                    let Some(end) = end.filter(|_| body_left == 0) else {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => got.extend_from_slice(&buf[..n]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&got[..end]).into_owned();
+                    got.drain(..end + 4);
+                    body_left = head
+                        .lines()
+                        .filter_map(|l| l.split_once(':'))
+                        .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
+                        .and_then(|(_, v)| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    if std::mem::take(&mut first) {
+                        count.fetch_add(1, Ordering::SeqCst);
+                    }
+                    let path = head.split(' ').nth(1).unwrap_or("/").to_string();
+                    seen.lock().unwrap().push(head);
+                    let (bytes, close) = answer(&path);
+                    if s.write_all(bytes).await.is_err() || close {
+                        let _ = s.shutdown().await;
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    Scripted { addr, accepted, heads }
+}

@@ -1,0 +1,331 @@
+//! The HTTP/1.1 fast path (`fast.rs`) against hyper's server path, side by side: the same raw
+//! requests to two proxies, one with `runtime.http1_fast_path` and one without, each in front
+//! of its own scripted app. Clients must get the same responses (field order, field-name case
+//! and `Date` values aside) and the apps the same request heads.
+//!
+//! Which path served is visible: the fast path passes the app's field names as they came
+//! (`X-App`), hyper writes them in lower case.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::support::*;
+
+/// Every response names `X-App` in mixed case; only `/length` carries the app's own `Date`.
+fn answers(path: &str) -> (&'static [u8], bool) {
+    match path {
+        "/length" => {
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-App: a\r\nx-app: b\r\nDate: Mon, 07 Dec 2026 00:00:00 GMT\r\n\r\nhello", false)
+        }
+        "/chunked" => (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Sum\r\nX-App: a\r\n\r\n5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nX-Sum: 11\r\nX-Undeclared: 1\r\n\r\n",
+            false,
+        ),
+        "/to-end" => (b"HTTP/1.1 200 OK\r\nX-App: a\r\n\r\nuntil the end", true),
+        "/head" => (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nX-App: a\r\n\r\n", false),
+        "/no-content" => (b"HTTP/1.1 204 No Content\r\nX-App: a\r\n\r\n", false),
+        "/not-modified" => (b"HTTP/1.1 304 Not Modified\r\nETag: \"v1\"\r\nX-App: a\r\n\r\n", false),
+        "/reason" => (b"HTTP/1.1 404 Gone Fishing\r\nContent-Length: 0\r\nX-App: a\r\n\r\n", false),
+        "/no-reason" => (b"HTTP/1.1 200 \r\nContent-Length: 2\r\nX-App: a\r\n\r\nok", false),
+        "/named" => (
+            b"HTTP/1.1 200 OK\r\nConnection: X-Secret, keep-alive\r\nX-Secret: 1\r\nKeep-Alive: timeout=5\r\nProxy-Connection: x\r\nUpgrade: foo\r\nContent-Length: 2\r\nX-App: a\r\n\r\nok",
+            false,
+        ),
+        "/hop" => (
+            b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=5\r\nProxy-Connection: x\r\nUpgrade: foo\r\nTE: x\r\nContent-Length: 2\r\nX-App: a\r\n\r\nok",
+            false,
+        ),
+        "/interim" => {
+            (b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-App: a\r\n\r\nok", false)
+        }
+        "/both" => (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 99\r\nX-App: a\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+            false,
+        ),
+        "/bad-length" => (b"HTTP/1.1 200 OK\r\nContent-Length: 12abc\r\nX-App: a\r\n\r\nhello", false),
+        "/http10" => (b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\nX-App: a\r\n\r\nok", true),
+        "/app-close" => (b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\nX-App: a\r\n\r\nok", true),
+        _ => (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-App: a\r\n\r\nok", false),
+    }
+}
+
+/// What a client saw: the responses to its requests, and whether the connection stayed open
+/// for another (a request sent after them was answered).
+#[derive(Debug, PartialEq)]
+struct Seen {
+    responses: Vec<Norm>,
+    kept_open: bool,
+}
+
+/// Sends `raw`, reads the responses to requests with `methods`, then tries one more request.
+async fn exchange(addr: std::net::SocketAddr, raw: &[u8], methods: &[&str]) -> (Seen, Vec<u8>) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(raw).await.unwrap();
+    let mut got = Vec::new();
+    let mut eof = false;
+    let responses = loop {
+        if let Some(r) = responses(&got, methods, eof) {
+            break r;
+        }
+        assert!(!eof, "the connection ended mid-response: {:?}", String::from_utf8_lossy(&got));
+        let mut buf = [0u8; 16384];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.expect("a response").unwrap_or(0);
+        eof = n == 0;
+        got.extend_from_slice(&buf[..n]);
+    };
+    let kept_open = !eof && s.write_all(b"GET /after HTTP/1.1\r\nHost: a\r\n\r\n").await.is_ok() && {
+        let mut buf = [0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.expect("an answer or the end");
+        n.is_ok_and(|n| n > 0)
+    };
+    (Seen { responses, kept_open }, got)
+}
+
+/// A response as a client reads it, in a form both paths must agree on.
+#[derive(Debug, PartialEq)]
+struct Norm {
+    status_line: String,
+    /// Lower-case names, sorted by name (values of one name keep their order); no `Date`.
+    fields: Vec<(String, String)>,
+    date: bool,
+    body: Vec<u8>,
+    trailers: Vec<(String, String)>,
+}
+
+fn sorted_fields<'a>(fields: impl Iterator<Item = (&'a str, &'a [u8])>) -> Vec<(String, String)> {
+    let mut v: Vec<(String, String)> =
+        fields.map(|(n, v)| (n.to_ascii_lowercase(), String::from_utf8_lossy(v).into_owned())).collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+/// Splits a byte stream into responses to requests with these methods, decoding chunks;
+/// `None` while it is incomplete (a body to the connection's end is complete at `eof`).
+fn responses(mut raw: &[u8], methods: &[&str], eof: bool) -> Option<Vec<Norm>> {
+    fn line(raw: &[u8]) -> Option<(&[u8], &[u8])> {
+        let end = raw.windows(2).position(|w| w == b"\r\n")?;
+        Some((&raw[..end], &raw[end + 2..]))
+    }
+    let mut out = Vec::new();
+    for method in methods {
+        let mut fields = [httparse::EMPTY_HEADER; 64];
+        let mut res = httparse::Response::new(&mut fields);
+        let len = match res.parse(raw) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) => return None,
+            Err(e) => panic!("not a response head ({e}): {:?}", String::from_utf8_lossy(raw)),
+        };
+        let code = res.code.unwrap();
+        let status_line = format!("HTTP/1.{} {} {}", res.version.unwrap(), code, res.reason.unwrap_or(""));
+        let get = |name: &str| res.headers.iter().find(|f| f.name.eq_ignore_ascii_case(name)).map(|f| f.value);
+        let chunked = get("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case(b"chunked"));
+        let length = get("content-length").map(|v| std::str::from_utf8(v).unwrap().parse::<usize>().unwrap());
+        let date = get("date").is_some();
+        let fields = sorted_fields(
+            res.headers.iter().filter(|f| !f.name.eq_ignore_ascii_case("date")).map(|f| (f.name, f.value)),
+        );
+        raw = &raw[len..];
+        let (mut body, mut trailers) = (Vec::new(), Vec::new());
+        if *method == "HEAD" || code == 204 || code == 304 {
+        } else if chunked {
+            loop {
+                let (size, rest) = line(raw)?;
+                let size = usize::from_str_radix(std::str::from_utf8(size).unwrap(), 16).unwrap();
+                raw = rest;
+                if size == 0 {
+                    break;
+                }
+                if raw.len() < size + 2 {
+                    return None;
+                }
+                body.extend_from_slice(&raw[..size]);
+                assert_eq!(&raw[size..size + 2], b"\r\n");
+                raw = &raw[size + 2..];
+            }
+            loop {
+                let (field, rest) = line(raw)?;
+                raw = rest;
+                if field.is_empty() {
+                    break;
+                }
+                let (n, v) = std::str::from_utf8(field).unwrap().split_once(':').unwrap();
+                trailers.push((n.trim().to_ascii_lowercase(), v.trim().to_string()));
+            }
+        } else if let Some(n) = length {
+            if raw.len() < n {
+                return None;
+            }
+            body.extend_from_slice(&raw[..n]);
+            raw = &raw[n..];
+        } else if eof {
+            body.extend_from_slice(raw);
+            raw = &[];
+        } else {
+            return None;
+        }
+        out.push(Norm { status_line, fields, date, body, trailers });
+    }
+    assert!(raw.is_empty(), "bytes after the last response: {:?}", String::from_utf8_lossy(raw));
+    Some(out)
+}
+
+/// A request head as the app read it: request line, then its fields as in [`Norm`].
+fn norm_head(head: &str) -> (String, Vec<(String, String)>) {
+    let mut lines = head.split("\r\n");
+    let request_line = lines.next().unwrap().to_string();
+    let fields = lines.filter_map(|l| l.split_once(':')).map(|(n, v)| (n, v.trim().as_bytes()));
+    (request_line, sorted_fields(fields))
+}
+
+/// Which path answered: the fast path keeps the app's `X-App`, hyper lower-cases it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Path {
+    Fast,
+    Hyper,
+    /// The proxy answered on its own (an error, a 400): nothing tells the paths apart.
+    Either,
+}
+
+#[tokio::test]
+async fn the_fast_path_answers_as_hyper_does_and_sends_the_app_the_same_heads() {
+    let (fast_app, hyper_app) = (scripted_app(answers).await, scripted_app(answers).await);
+    let fast = proxy(fast_app.addr, |c| c.health.path = None).await;
+    let slow = proxy(hyper_app.addr, |c| {
+        c.health.path = None;
+        c.runtime.http1_fast_path = false;
+    })
+    .await;
+    let many_fields: String = (0..70).map(|i| format!("x-f{i}: {i}\r\n")).collect();
+    let many = format!("GET /many HTTP/1.1\r\nHost: a\r\n{many_fields}\r\n");
+    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n");
+    let cases: Vec<(String, Vec<&str>, Path)> = vec![
+        (get("/length"), vec!["GET"], Path::Fast),
+        ("GET /chunked HTTP/1.1\r\nHost: a\r\nTE: trailers\r\n\r\n".into(), vec!["GET"], Path::Fast),
+        (get("/chunked"), vec!["GET"], Path::Fast),
+        (get("/to-end"), vec!["GET"], Path::Fast),
+        ("HEAD /head HTTP/1.1\r\nHost: a\r\n\r\n".into(), vec!["HEAD"], Path::Fast),
+        (get("/no-content"), vec!["GET"], Path::Fast),
+        (get("/not-modified"), vec!["GET"], Path::Fast),
+        (get("/reason"), vec!["GET"], Path::Fast),
+        (get("/no-reason"), vec!["GET"], Path::Fast),
+        (get("/named"), vec!["GET"], Path::Fast),
+        (get("/hop"), vec!["GET"], Path::Fast),
+        (get("/interim"), vec!["GET"], Path::Fast),
+        (get("/both"), vec!["GET"], Path::Fast),
+        (get("/bad-length"), vec!["GET"], Path::Either),
+        (get("/http10"), vec!["GET"], Path::Fast),
+        (get("/app-close"), vec!["GET"], Path::Fast),
+        ("DELETE /x?q=1&r=%20 HTTP/1.1\r\nHost: a\r\n\r\n".into(), vec!["DELETE"], Path::Fast),
+        ("GET /length HTTP/1.0\r\nHost: a\r\nConnection: keep-alive\r\n\r\n".into(), vec!["GET"], Path::Fast),
+        ("GET /chunked HTTP/1.0\r\nHost: a\r\n\r\n".into(), vec!["GET"], Path::Fast),
+        (get("/length").replace("\r\n\r\n", "\r\nConnection: close\r\n\r\n"), vec!["GET"], Path::Fast),
+        (
+            "GET /fwd HTTP/1.1\r\nHost: a.example:8080\r\nX-Forwarded-For: 10.0.0.1\r\nx-forwarded-for: 10.0.0.2, 10.0.0.3\r\nX-Forwarded-Proto: https\r\nKeep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nTE: trailers\r\nCookie: a=1\r\nCookie: b=2\r\n\r\n".into(),
+            vec!["GET"],
+            Path::Fast,
+        ),
+        (
+            "GET /fwd HTTP/1.1\r\nHost: a\r\nX-Forwarded-Host: front.example\r\nConnection: keep-alive, close\r\n\r\n".into(),
+            vec!["GET"],
+            Path::Fast,
+        ),
+        (
+            format!("{}HEAD /head HTTP/1.1\r\nHost: a\r\n\r\n{}", get("/length"), get("/chunked")),
+            vec!["GET", "HEAD", "GET"],
+            Path::Fast,
+        ),
+        // hyper takes over at the request with a body, and serves what follows it.
+        (
+            format!("{}POST /post HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n\r\nabcd{}", get("/length"), get("/x")),
+            vec!["GET", "POST", "GET"],
+            Path::Fast,
+        ),
+        // Handed to hyper from the start.
+        ("POST /post HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n\r\nabcd".into(), vec!["POST"], Path::Hyper),
+        ("GET http://a/abs HTTP/1.1\r\nHost: a\r\n\r\n".into(), vec!["GET"], Path::Hyper),
+        ("GET /no-host HTTP/1.0\r\n\r\n".into(), vec!["GET"], Path::Hyper),
+        ("GET /named HTTP/1.1\r\nHost: a\r\nConnection: X-Foo\r\nX-Foo: 1\r\n\r\n".into(), vec!["GET"], Path::Hyper),
+        ("GET /frag#x HTTP/1.1\r\nHost: a\r\n\r\n".into(), vec!["GET"], Path::Hyper),
+        ("GET /q?a=\"b\" HTTP/1.1\r\nHost: a\r\n\r\n".into(), vec!["GET"], Path::Either),
+        ("OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n".into(), vec!["OPTIONS"], Path::Hyper),
+        (
+            "GET /h2c HTTP/1.1\r\nHost: a\r\nUpgrade: h2c\r\nConnection: Upgrade, HTTP2-Settings\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n".into(),
+            vec!["GET"],
+            Path::Hyper,
+        ),
+        (many, vec!["GET"], Path::Hyper),
+        ("GET /two-hosts HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n".into(), vec!["GET"], Path::Either),
+        ("GET /no-host HTTP/1.1\r\n\r\n".into(), vec!["GET"], Path::Either),
+        ("GET /bad HTTP/1.1\r\nHost: a\r\nBad Field: x\r\n\r\n".into(), vec!["GET"], Path::Either),
+        ("CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n".into(), vec!["CONNECT"], Path::Either),
+    ];
+    for (raw, methods, path) in &cases {
+        let (fast_seen, fast_out) = exchange(fast.proxy_addr, raw.as_bytes(), methods).await;
+        let (hyper_seen, _) = exchange(slow.proxy_addr, raw.as_bytes(), methods).await;
+        let what = raw.lines().next().unwrap();
+        assert_eq!(fast_seen, hyper_seen, "{what}");
+        // (A request without a host goes with the app's own address: each app has its own.)
+        let heads = |app: &Scripted| {
+            let addr = app.addr.to_string();
+            app.heads.lock().unwrap().drain(..).map(|h| norm_head(&h.replace(&addr, "APP"))).collect::<Vec<_>>()
+        };
+        assert_eq!(heads(&fast_app), heads(&hyper_app), "what the app read for {what}");
+        let text = String::from_utf8_lossy(&fast_out);
+        match path {
+            Path::Fast => assert!(text.contains("X-App: a"), "{what} took the fast path:\n{text}"),
+            Path::Hyper => {
+                assert!(text.contains("x-app: a") && !text.contains("X-App"), "{what} went to hyper:\n{text}")
+            }
+            Path::Either => {}
+        }
+    }
+
+    // Where the paths differ on purpose: a body to the connection's end, to an HTTP/1.0 client
+    // that asked to keep its connection, cannot keep it. hyper says `keep-alive` and closes;
+    // the fast path says `close`.
+    let raw = b"GET /to-end HTTP/1.0\r\nHost: a\r\nConnection: keep-alive\r\n\r\n";
+    let (f, _) = exchange(fast.proxy_addr, raw, &["GET"]).await;
+    let (h, _) = exchange(slow.proxy_addr, raw, &["GET"]).await;
+    assert_eq!((f.kept_open, h.kept_open), (false, false));
+    assert_eq!(f.responses[0].body, h.responses[0].body);
+    assert!(f.responses[0].fields.contains(&("connection".into(), "close".into())), "{f:?}");
+    fast_app.heads.lock().unwrap().clear();
+    hyper_app.heads.lock().unwrap().clear();
+
+    // The app's `Date` is passed on; without one, each path adds its own.
+    let (_, out) = exchange(fast.proxy_addr, get("/length").as_bytes(), &["GET"]).await;
+    assert!(String::from_utf8_lossy(&out).contains("Date: Mon, 07 Dec 2026 00:00:00 GMT\r\n"));
+    let (seen, _) = exchange(fast.proxy_addr, get("/x").as_bytes(), &["GET"]).await;
+    assert!(seen.responses[0].date);
+}
+
+/// Answers the proxy makes itself on the fast path (the app unreachable) are hyper's.
+#[tokio::test]
+async fn the_fast_path_answers_an_unreachable_app_as_hyper_does() {
+    let closed = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let fast = proxy(closed, |c| c.health.path = None).await;
+    let slow = proxy(closed, |c| {
+        c.health.path = None;
+        c.runtime.http1_fast_path = false;
+    })
+    .await;
+    for (raw, method) in [
+        ("GET /x HTTP/1.1\r\nHost: a\r\n\r\n", "GET"),
+        ("HEAD /x HTTP/1.1\r\nHost: a\r\n\r\n", "HEAD"),
+        ("GET /x HTTP/1.0\r\nHost: a\r\n\r\n", "GET"),
+    ] {
+        let (f, _) = exchange(fast.proxy_addr, raw.as_bytes(), &[method]).await;
+        let (h, _) = exchange(slow.proxy_addr, raw.as_bytes(), &[method]).await;
+        assert_eq!(f, h, "{raw}");
+        assert_eq!(f.responses[0].status_line.split(' ').nth(1), Some("503"), "{raw}");
+    }
+    // An HTTP/1.0 client that asked to keep its connection: hyper writes `connection: close,
+    // keep-alive` on a retry hint (it appends its own token); the fast path says `close`
+    // alone, which is what happens.
+    let raw = b"GET /x HTTP/1.0\r\nHost: a\r\nConnection: keep-alive\r\n\r\n";
+    let (f, _) = exchange(fast.proxy_addr, raw, &["GET"]).await;
+    assert!(!f.kept_open);
+    assert!(f.responses[0].fields.contains(&("connection".into(), "close".into())), "{f:?}");
+}
