@@ -573,10 +573,14 @@ async fn write_body(
                 if chunked {
                     out.extend_from_slice(b"\r\n");
                 }
-                // More to come: what is here goes now, or a streamed body would wait.
-                if !http_body::Body::is_end_stream(&body) && !out.is_empty() {
-                    io.write_all(out).await?;
-                    out.clear();
+                // More to come: what is here goes now, flushed (a TLS stream may hold records
+                // until then), or a streamed body would wait.
+                if !http_body::Body::is_end_stream(&body) {
+                    if !out.is_empty() {
+                        io.write_all(out).await?;
+                        out.clear();
+                    }
+                    io.flush().await?;
                 }
             }
             Err(frame) => trailers = frame.into_trailers().ok(),

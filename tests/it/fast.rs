@@ -329,3 +329,82 @@ async fn the_fast_path_answers_an_unreachable_app_as_hyper_does() {
     assert!(!f.kept_open);
     assert!(f.responses[0].fields.contains(&("connection".into(), "close".into())), "{f:?}");
 }
+
+/// A body the app sends in parts reaches the client part by part (an event stream, a long
+/// download), over plain TCP and TLS, chunked and with a length: the app sends its second part
+/// only once the client has read the first.
+#[tokio::test]
+async fn a_body_the_app_sends_in_parts_reaches_the_client_part_by_part() {
+    use std::sync::Arc;
+    let dir = crate::tls::tempdir("fast-stream");
+    let pair = crate::tls::pair(&dir, "s");
+    let parts: [(&[u8], &[u8]); 2] = [
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n", b"4\r\nlast\r\n0\r\n\r\n"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nfirst", b"last"),
+    ];
+    for (head_and_first, rest) in parts {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let go = Arc::new(tokio::sync::Notify::new());
+        let app_go = go.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = l.accept().await.unwrap();
+                let go = app_go.clone();
+                tokio::spawn(async move {
+                    let mut got = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => got.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    s.write_all(head_and_first).await.unwrap();
+                    go.notified().await;
+                    s.write_all(rest).await.unwrap();
+                    let _ = s.read(&mut buf).await;
+                });
+            }
+        });
+        for tls in [false, true] {
+            let p = proxy(addr, |c| {
+                c.health.path = None;
+                if tls {
+                    crate::tls::with_tls(c, &pair);
+                }
+            })
+            .await;
+            let mut s: Box<dyn Stream> = if tls {
+                Box::new(crate::tls::connect(p.proxy_addr, &[&pair.der], &[b"http/1.1"]).await)
+            } else {
+                Box::new(TcpStream::connect(p.proxy_addr).await.unwrap())
+            };
+            s.write_all(b"GET /events HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
+            let mut got = Vec::new();
+            read_until(&mut s, &mut got, b"first").await;
+            go.notify_one();
+            read_until(&mut s, &mut got, b"last").await;
+            let text = String::from_utf8_lossy(&got);
+            assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+        }
+    }
+}
+
+trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Stream for T {}
+
+/// Reads until `want` has arrived (bounded).
+async fn read_until(s: &mut Box<dyn Stream>, got: &mut Vec<u8>, want: &[u8]) {
+    let mut buf = [0u8; 4096];
+    while !got.windows(want.len()).any(|w| w == want) {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| {
+                panic!("{:?} never arrived; got {:?}", String::from_utf8_lossy(want), String::from_utf8_lossy(got))
+            })
+            .unwrap();
+        assert!(n > 0, "the connection ended before {:?}", String::from_utf8_lossy(want));
+        got.extend_from_slice(&buf[..n]);
+    }
+}

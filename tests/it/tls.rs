@@ -59,7 +59,7 @@ pub fn with_tls(c: &mut Config, p: &Pair) {
 }
 
 /// A TLS client that trusts `trusted` and offers `alpn`.
-async fn connect(addr: SocketAddr, trusted: &[&CertificateDer<'static>], alpn: &[&[u8]]) -> TlsStream<TcpStream> {
+pub async fn connect(addr: SocketAddr, trusted: &[&CertificateDer<'static>], alpn: &[&[u8]]) -> TlsStream<TcpStream> {
     connect_with(addr, &client_config(trusted, alpn)).await
 }
 
