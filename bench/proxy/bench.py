@@ -642,7 +642,7 @@ def render(results, latency, errors, memory, allocators, args):
             tu, tk = med([x[1] for x in tokio]), med([x[2] for x in tokio])
             lines += [f"On {w}, the relay on drainproxy's own runtime takes {tu:.1f} µs of user and {tk:.1f} µs of kernel "
                       f"time per request; drainproxy takes {u['drainproxy'] - tu:+.1f} µs of user time more (its HTTP work: "
-                      f"parsing, header rewriting, pooling, hyper's connection state) and {k['drainproxy'] - tk:+.1f} µs of "
+                      f"parsing, header rewriting, pooling) and {k['drainproxy'] - tk:+.1f} µs of "
                       "kernel time.", ""]
     lines += [f"On {w}, kernel time per request is {k['drainproxy']:.1f} µs for drainproxy, {k['nginx']:.1f} for nginx and "
               f"{k['haproxy']:.1f} for HAProxy: each makes the same four socket calls per request (`strace -c`). User time is "
