@@ -27,6 +27,7 @@
 //! flight from its head until the last byte of its response has been written.
 
 use std::cell::RefCell;
+use std::future::Future as _;
 use std::io::Write as _;
 use std::mem::MaybeUninit;
 use std::sync::Arc;
@@ -36,12 +37,13 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderMap, Method, StatusCode};
 use http_body_util::BodyExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
 use tracing::debug;
 
 use crate::body::{AccessInfo, ConnState, RequestGuard};
 use crate::error::ProxyError;
 use crate::lean::{Framing, LeanBody, RawHead};
-use crate::lifecycle::Phase;
+use crate::lifecycle::{Phase, State};
 use crate::metrics::CloseHow;
 use crate::proxy::ProxyService;
 use crate::server::{ConnCtx, Prefixed, PARK_AFTER};
@@ -89,8 +91,6 @@ struct Request {
     head: bool,
     /// `TE: trailers`: the client takes trailer fields (those the app declared).
     trailers: bool,
-    /// The head for the app.
-    app_head: Vec<u8>,
     /// Method and target, for the access log.
     access: Option<(Method, String)>,
 }
@@ -144,8 +144,8 @@ fn plain_target(path: &str) -> bool {
 }
 
 /// Parses a request head at the start of `buf` and, when this path takes it, writes the head
-/// for the app.
-fn parse(buf: &[u8], max_head: usize, svc: &ProxyService, access_log: bool) -> Parsed {
+/// for the app into `out` (cleared first).
+fn parse(buf: &[u8], max_head: usize, svc: &ProxyService, access_log: bool, out: &mut Vec<u8>) -> Parsed {
     let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_FIELDS];
     let mut req = httparse::Request::new(&mut []);
     let len = match httparse::ParserConfig::default().parse_request_with_uninit_headers(&mut req, buf, &mut fields) {
@@ -190,7 +190,8 @@ fn parse(buf: &[u8], max_head: usize, svc: &ProxyService, access_log: bool) -> P
     let http10 = version == 0;
 
     let peer_ip = svc.peer_ip.as_bytes();
-    let mut out = Vec::with_capacity(len + 96 + peer_ip.len() + host.len());
+    out.clear();
+    out.reserve(len + 96 + peer_ip.len() + host.len());
     out.extend_from_slice(method.as_bytes());
     out.push(b' ');
     out.extend_from_slice(path.as_bytes());
@@ -231,7 +232,6 @@ fn parse(buf: &[u8], max_head: usize, svc: &ProxyService, access_log: bool) -> P
         keep_alive: if http10 { keep_alive && !close } else { !close },
         head: method == "HEAD",
         trailers,
-        app_head: out,
         access,
     })
 }
@@ -239,17 +239,28 @@ fn parse(buf: &[u8], max_head: usize, svc: &ProxyService, access_log: bool) -> P
 /// What woke a connection waiting for a request head.
 enum Wake {
     Read(std::io::Result<usize>),
-    State(bool),
+    /// The published state changed (the receiver, to wait on again), or its sender is gone.
+    State(Option<watch::Receiver<State>>),
     Timer,
+}
+
+/// Resolves with the receiver once the published state has changed, with `None` once the
+/// lifecycle is gone.
+async fn next_change(mut rx: watch::Receiver<State>) -> Option<watch::Receiver<State>> {
+    rx.changed().await.ok().map(|()| rx)
 }
 
 /// Serves requests on an HTTP/1.1 connection until it closes, parks, or brings a request
 /// for hyper. `io` holds no unread bytes when this returns, except on [`End::Handoff`].
 pub async fn serve(io: &mut Prefixed, svc: &ProxyService, conn: &Arc<ConnState>, ctx: &ConnCtx) -> End {
     let p = &*svc.proxy;
-    let mut state = p.state.clone();
-    let mut watching = true;
+    // The drain's changes wake the connection while it waits for a head; one registration
+    // for as long as nothing changes, not one per wait. Per request, the phase is read from
+    // the proxy's own receiver.
+    let mut changed = Some(Box::pin(next_change(p.state.clone())));
     let mut buf = BytesMut::new();
+    // The head for the app, and what goes to the client: kept from request to request.
+    let mut to_app: Vec<u8> = Vec::new();
     let mut out: Vec<u8> = Vec::new();
     let head_timeout = ctx.header_read_timeout;
     let idle_timeout = ctx.idle_timeout;
@@ -264,7 +275,7 @@ pub async fn serve(io: &mut Prefixed, svc: &ProxyService, conn: &Arc<ConnState>,
     loop {
         let mut req = loop {
             if !buf.is_empty() {
-                match parse(&buf, ctx.max_head, svc, p.access_log) {
+                match parse(&buf, ctx.max_head, svc, p.access_log, &mut to_app) {
                     Parsed::Ready(req) => break req,
                     Parsed::Handoff => {
                         io.unread(buf.freeze());
@@ -279,7 +290,10 @@ pub async fn serve(io: &mut Prefixed, svc: &ProxyService, conn: &Arc<ConnState>,
             let wake = tokio::select! {
                 biased;
                 r = io.read_buf(&mut buf) => Wake::Read(r),
-                c = state.changed(), if watching => Wake::State(c.is_ok()),
+                c = std::future::poll_fn(|cx| match changed.as_mut() {
+                    Some(f) => f.as_mut().poll(cx),
+                    None => std::task::Poll::Pending,
+                }) => Wake::State(c),
                 () = &mut timer => Wake::Timer,
             };
             match wake {
@@ -291,12 +305,19 @@ pub async fn serve(io: &mut Prefixed, svc: &ProxyService, conn: &Arc<ConnState>,
                 }
                 Wake::State(alive) => {
                     // The lifecycle gone means the process is stopping: as a drain's idle close.
-                    watching = alive;
-                    let close_idle = !alive || state.borrow_and_update().close_idle;
+                    let alive = alive.map(|mut rx| {
+                        let close_idle = rx.borrow_and_update().close_idle;
+                        changed = Some(Box::pin(next_change(rx)));
+                        close_idle
+                    });
+                    if alive.is_none() {
+                        changed = None;
+                    }
+                    let close_idle = alive.unwrap_or(true);
                     // Only a keep-alive idle between requests closes; bytes here are a request
                     // on its way, whose response will say `Connection: close`.
                     if close_idle && buf.is_empty() && conn.served() > 0 {
-                        if alive {
+                        if alive.is_some() {
                             p.acct.metrics.connection_closed(CloseHow::IdleClose);
                             debug!("drain: idle keep-alive closed at min_delay");
                         }
@@ -336,7 +357,7 @@ pub async fn serve(io: &mut Prefixed, svc: &ProxyService, conn: &Arc<ConnState>,
             }
         };
 
-        let phase = state.borrow().phase;
+        let phase = p.state.borrow().phase;
         if phase == Phase::Drained {
             // Released: hyper's path answers with the retry hint, as it does for every client.
             io.unread(buf.freeze());
@@ -350,7 +371,7 @@ pub async fn serve(io: &mut Prefixed, svc: &ProxyService, conn: &Arc<ConnState>,
         if let Some((method, path)) = req.access.take() {
             guard.set_access(AccessInfo { method, path, peer: svc.peer });
         }
-        let answer = match p.upstream.exchange_lean(&req.app_head).await {
+        let answer = match p.upstream.exchange_lean(&to_app).await {
             Ok((app, head)) => match head.into_raw(req.head) {
                 Ok(raw) => Ok((app, raw)),
                 Err(e) => Err(ProxyError::Upstream(e.into())),
@@ -358,7 +379,7 @@ pub async fn serve(io: &mut Prefixed, svc: &ProxyService, conn: &Arc<ConnState>,
             Err(e) => Err(e),
         };
         // Read again now: a request that started before the drain may end after it.
-        let draining = state.borrow().phase.is_draining();
+        let draining = p.state.borrow().phase.is_draining();
         out.clear();
         let keep = match answer {
             Ok((app, raw)) => {
@@ -412,11 +433,12 @@ pub async fn serve(io: &mut Prefixed, svc: &ProxyService, conn: &Arc<ConnState>,
             let _ = io.shutdown().await;
             return End::Close;
         }
+        // Buffers stay for the next request, unless a large head or body grew them; an idle
+        // connection gives them up when it parks.
         if out.capacity() > 4 * COPY_MAX {
             out = Vec::new();
         }
-        if buf.is_empty() {
-            // Between requests a connection holds no read buffer (idle ones are the many).
+        if buf.is_empty() && buf.capacity() > 4 * READ {
             buf = BytesMut::new();
         }
     }
