@@ -129,18 +129,28 @@ def cpu_ticks(pids):
     return user, system
 
 
-def preemptions(pids):
-    """Involuntary context switches of the processes so far: how often the scheduler took the
-    CPU from them, on this core mostly to run the app they woke."""
+def switches(pids, field):
+    """Context switches of the processes so far, from `/proc/<pid>/status`. Involuntary ones
+    (`nonvoluntary_ctxt_switches`) count how often the scheduler took the CPU from them, on
+    this core mostly to run the app they woke; the app's voluntary ones
+    (`voluntary_ctxt_switches`) count how often it ran out of requests and slept."""
     total = 0
     for pid in pids:
         try:
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("nonvoluntary_ctxt_switches:"):
+                if line.startswith(f"{field}:"):
                     total += int(line.split()[1])
         except FileNotFoundError:
             pass
     return total
+
+
+def preemptions(pids):
+    return switches(pids, "nonvoluntary_ctxt_switches")
+
+
+def sleeps(pids):
+    return switches(pids, "voluntary_ctxt_switches")
 
 
 def rss_kib(pids, field="VmRSS"):
@@ -411,7 +421,9 @@ def main():
     stack = Stack(tmp, drainproxy)
     time.sleep(0.5)
     idle_at_start = {t: rss_kib(stack.pids(t)) for t in PROXIES}
-    results = {}  # (workload, target) -> list of (rps, user µs/req, system µs/req, preemptions per 1k req)
+    # (workload, target) -> list of (rps, user µs/req, system µs/req, the proxy's preemptions and the app's
+    # sleeps per 1k requests)
+    results = {}
     latency = {}  # (rate label, target) -> list of percentile dicts
     errors = {}
     memory = {}
@@ -424,12 +436,14 @@ def main():
                     if workload in TLS_WORKLOADS and ports[2] is None:
                         continue
                     pids = stack.pids(target, workload) if target != "direct" else []
-                    before, pre_before = cpu_ticks(pids), preemptions(pids)
+                    app = stack.pids("app")
+                    before, pre_before, app_before = cpu_ticks(pids), preemptions(pids), sleeps(app)
                     rps, n, errs = run_load(workload, ports, args.seconds, tmp)
-                    after, pre_after = cpu_ticks(pids), preemptions(pids)
+                    after, pre_after, app_after = cpu_ticks(pids), preemptions(pids), sleeps(app)
                     user, system = ((a - b) / CLK_TCK * 1e6 / n if n and pids else None for a, b in zip(after, before))
                     pre = (pre_after - pre_before) * 1000 / n if n and pids else None
-                    results.setdefault((workload, target), []).append((rps, user, system, pre))
+                    app_sleeps = (app_after - app_before) * 1000 / n if n else None
+                    results.setdefault((workload, target), []).append((rps, user, system, pre, app_sleeps))
                     errors[(workload, target)] = errors.get((workload, target), 0) + errs
                     print(f"rep {rep + 1} {workload:<28} {target:<11} {rps:>10.0f} req/s"
                           + (f" {user + system:6.1f} us/req ({user:.1f} user)" if user is not None else "")
@@ -655,6 +669,12 @@ def render(results, latency, errors, memory, allocators, args):
                       f"{pre['drainproxy']:.0f} involuntary context switches for drainproxy, {pre['nginx']:.0f} for nginx and "
                       f"{pre['haproxy']:.0f} for HAProxy (`nonvoluntary_ctxt_switches` in `/proc/<pid>/status`); each is "
                       "a switch to the app and back, part of the kernel time above.")
+    if all(len(x) > 4 for t in PORTS for x in results[(w, t)]):
+        naps = {t: med([x[4] for x in results[(w, t)]]) for t in PORTS}
+        lines[-1] += (f" The app, for its part, ran out of requests and slept {naps['direct']:.0f} times per 1,000 requests "
+                      f"when the load generator on the other core sent to it directly, {naps['drainproxy']:.0f} times behind drainproxy, {naps['nginx']:.0f} "
+                      f"behind nginx and {naps['haproxy']:.0f} behind HAProxy (`voluntary_ctxt_switches`): the fewer, the "
+                      "more requests it found waiting each time it woke, and the fewer switches between it and the proxy.")
     # The targets, each with its verdict.
     mem = memory["drainproxy"]
     check = lambda ok: "met" if ok else "**missed**"
