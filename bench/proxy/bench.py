@@ -663,18 +663,25 @@ def render(results, latency, errors, memory, allocators, args):
               f"{u['drainproxy']:.1f}, {u['nginx']:.1f} and {u['haproxy']:.1f} µs. The app takes about {app_us:.1f} µs of the "
               f"shared core per request, so drainproxy with no user time at all would reach about {bound:,.0f} req/s, "
               f"{bound / r[best]:.2f}× the better peer, at {k['drainproxy'] / (u[best] + k[best]):.2f}× its CPU."]
-    if all(len(x) > 3 for t in PROXIES for x in results[(w, t)]):
-        pre = {t: med([x[3] for x in results[(w, t)]]) for t in PROXIES}
+    def medians(i, targets):
+        """Each target's median of field `i`, when every repetition recorded it (older files did not)."""
+        if all(len(x) > i for t in targets for x in results[(w, t)]):
+            return {t: med([x[i] for x in results[(w, t)]]) for t in targets}
+        return None
+
+    pre = medians(3, PROXIES)
+    if pre:
         lines[-1] += (f" The scheduler also takes the core from each proxy to run the app it woke: per 1,000 requests, "
                       f"{pre['drainproxy']:.0f} involuntary context switches for drainproxy, {pre['nginx']:.0f} for nginx and "
                       f"{pre['haproxy']:.0f} for HAProxy (`nonvoluntary_ctxt_switches` in `/proc/<pid>/status`); each is "
                       "a switch to the app and back, part of the kernel time above.")
-    if all(len(x) > 4 for t in PORTS for x in results[(w, t)]):
-        naps = {t: med([x[4] for x in results[(w, t)]]) for t in PORTS}
+    naps = medians(4, PORTS)
+    if naps:
         lines[-1] += (f" The app, for its part, ran out of requests and slept {naps['direct']:.0f} times per 1,000 requests "
-                      f"when the load generator on the other core sent to it directly, {naps['drainproxy']:.0f} times behind drainproxy, {naps['nginx']:.0f} "
-                      f"behind nginx and {naps['haproxy']:.0f} behind HAProxy (`voluntary_ctxt_switches`): the fewer, the "
-                      "more requests it found waiting each time it woke, and the fewer switches between it and the proxy.")
+                      f"when the load generator on the other core sent to it directly, {naps['drainproxy']:.0f} times "
+                      f"behind drainproxy, {naps['nginx']:.0f} behind nginx and {naps['haproxy']:.0f} behind HAProxy "
+                      "(`voluntary_ctxt_switches`): the fewer, the more requests it found waiting each time it woke, and "
+                      "the fewer switches between it and the proxy.")
     # The targets, each with its verdict.
     mem = memory["drainproxy"]
     check = lambda ok: "met" if ok else "**missed**"
