@@ -129,11 +129,8 @@ def cpu_ticks(pids):
     return user, system
 
 
-def switches(pids, field):
-    """Context switches of the processes so far, from `/proc/<pid>/status`. Involuntary ones
-    (`nonvoluntary_ctxt_switches`) count how often the scheduler took the CPU from them, on
-    this core mostly to run the app they woke; the app's voluntary ones
-    (`voluntary_ctxt_switches`) count how often it ran out of requests and slept."""
+def status_total(pids, field):
+    """One numeric field of `/proc/<pid>/status`, summed over the processes (gone ones count 0)."""
     total = 0
     for pid in pids:
         try:
@@ -146,24 +143,19 @@ def switches(pids, field):
 
 
 def preemptions(pids):
-    return switches(pids, "nonvoluntary_ctxt_switches")
+    """Involuntary context switches so far: how often the scheduler took the CPU from the
+    processes, on this core mostly to run the app they woke."""
+    return status_total(pids, "nonvoluntary_ctxt_switches")
 
 
 def sleeps(pids):
-    return switches(pids, "voluntary_ctxt_switches")
+    """Voluntary context switches so far: for the app, how often it ran out of requests and slept."""
+    return status_total(pids, "voluntary_ctxt_switches")
 
 
 def rss_kib(pids, field="VmRSS"):
     """Summed RSS (or, with field="VmHWM", the peak RSS) of the processes."""
-    total = 0
-    for pid in pids:
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith(field + ":"):
-                    total += int(line.split()[1])
-        except FileNotFoundError:
-            pass
-    return total
+    return status_total(pids, field)
 
 
 def oha_path():
@@ -421,6 +413,7 @@ def main():
     stack = Stack(tmp, drainproxy)
     time.sleep(0.5)
     idle_at_start = {t: rss_kib(stack.pids(t)) for t in PROXIES}
+    app = stack.pids("app")  # the app's sleeps are counted behind every target
     # (workload, target) -> list of (rps, user µs/req, system µs/req, the proxy's preemptions and the app's
     # sleeps per 1k requests)
     results = {}
@@ -436,7 +429,6 @@ def main():
                     if workload in TLS_WORKLOADS and ports[2] is None:
                         continue
                     pids = stack.pids(target, workload) if target != "direct" else []
-                    app = stack.pids("app")
                     before, pre_before, app_before = cpu_ticks(pids), preemptions(pids), sleeps(app)
                     rps, n, errs = run_load(workload, ports, args.seconds, tmp)
                     after, pre_after, app_after = cpu_ticks(pids), preemptions(pids), sleeps(app)
