@@ -627,9 +627,15 @@ def render(results, latency, errors, memory, allocators, args):
               "after each run, RSS from `/proc/<pid>/status` (VmRSS; VmHWM for the peak)."]
     # What bounds the small-response figures, computed from this run.
     w = "h1 0 B"
-    u = {t: med([r[1] for r in results[(w, t)]]) for t in PROXIES}
-    k = {t: med([r[2] for r in results[(w, t)]]) for t in PROXIES}
-    r = {t: med([x[0] for x in results[(w, t)]]) for t in PORTS}
+
+    def medians(i, targets):
+        """Each target's median of field `i` on `w`, when every repetition recorded it (older files
+        have no fields past the CPU times)."""
+        if all(len(x) > i for t in targets for x in results[(w, t)]):
+            return {t: med([x[i] for x in results[(w, t)]]) for t in targets}
+        return None
+
+    u, k, r = medians(1, PROXIES), medians(2, PROXIES), medians(0, PORTS)
     best = max(PEERS, key=lambda t: r[t])
     app_us = 1e6 / r[best] - (u[best] + k[best])  # the app's share of the core per request
     bound = 1e6 / (app_us + k["drainproxy"])
@@ -655,12 +661,6 @@ def render(results, latency, errors, memory, allocators, args):
               f"{u['drainproxy']:.1f}, {u['nginx']:.1f} and {u['haproxy']:.1f} µs. The app takes about {app_us:.1f} µs of the "
               f"shared core per request, so drainproxy with no user time at all would reach about {bound:,.0f} req/s, "
               f"{bound / r[best]:.2f}× the better peer, at {k['drainproxy'] / (u[best] + k[best]):.2f}× its CPU."]
-    def medians(i, targets):
-        """Each target's median of field `i`, when every repetition recorded it (older files did not)."""
-        if all(len(x) > i for t in targets for x in results[(w, t)]):
-            return {t: med([x[i] for x in results[(w, t)]]) for t in targets}
-        return None
-
     pre = medians(3, PROXIES)
     if pre:
         lines[-1] += (f" The scheduler also takes the core from each proxy to run the app it woke: per 1,000 requests, "
