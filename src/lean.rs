@@ -337,16 +337,16 @@ fn with_headers(res: Response<Spans>, head: &Bytes) -> io::Result<(Response<()>,
 /// delimited; whether the connection can carry another exchange after it; and whether its
 /// `Content-Length` must be dropped.
 fn framing<B>(head_request: bool, res: &Response<B>, fields: &Fields) -> io::Result<(Framing, bool, bool)> {
-    let keep_alive = res.version() == Version::HTTP_11 && !fields.close;
+    // Both framings at once is how requests are smuggled: the chunks win, the length is not
+    // passed on (RFC 9112 §6.3, for every message, a body or not), and the connection is not
+    // used again.
+    let both = fields.chunked.is_some() && (fields.length.is_some() || fields.bad_length);
+    let keep_alive = res.version() == Version::HTTP_11 && !fields.close && !both;
     let status = res.status();
     if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
-        return Ok((Framing::Done, keep_alive, false));
+        return Ok((Framing::Done, keep_alive, both));
     }
     if let Some(chunked) = fields.chunked {
-        // Both framings at once is how requests are smuggled: the chunks win, the length is not
-        // passed on (RFC 9112 §6.3), and the connection is not used again.
-        let both = fields.length.is_some() || fields.bad_length;
-        let keep_alive = keep_alive && !both;
         return Ok(if chunked {
             (Framing::Chunked(Chunk::Size), keep_alive, both)
         } else {
@@ -642,6 +642,13 @@ mod tests {
         assert!(!f("HTTP/1.0 200 OK\r\ncontent-length: 1\r\n\r\n").unwrap().1);
         let (_, framing_head, _, _) = head("HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\n", Method::HEAD).unwrap();
         assert_eq!(framing_head, Framing::Done);
+        // So too without a body: the length a HEAD or 304 answer carries beside chunks goes.
+        let both = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 9\r\n\r\n";
+        let (res, framing_head, keep_alive, _) = head(both, Method::HEAD).unwrap();
+        assert_eq!((framing_head, keep_alive), (Framing::Done, false));
+        assert!(!res.headers().contains_key("content-length"));
+        let both = "HTTP/1.1 304 Not Modified\r\ntransfer-encoding: chunked\r\ncontent-length: 9\r\n\r\n";
+        assert_eq!(f(both).unwrap(), (Framing::Done, false));
     }
 
     #[test]

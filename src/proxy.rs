@@ -285,6 +285,12 @@ fn into_client_response(
     request_body: Option<Arc<SharedBody>>,
 ) -> Response<ResponseBody> {
     let (mut parts, body) = res.into_parts();
+    // Framed by `Transfer-Encoding`, which overrides a `Content-Length` beside it: the client
+    // gets the body re-framed, and a length it would trust must not go with it (RFC 9112
+    // §6.3: an intermediary removes it). hyper's client leaves it in the map.
+    if parts.headers.contains_key(header::TRANSFER_ENCODING) {
+        parts.headers.remove(header::CONTENT_LENGTH);
+    }
     strip_hop_by_hop(&mut parts.headers);
     // An intermediary sends its own version (RFC 9110 §6.2): an HTTP/1.0 app's answer must
     // not make hyper treat the client's keep-alive as HTTP/1.0 and close it after each one.

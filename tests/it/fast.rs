@@ -104,71 +104,79 @@ fn sorted_fields<'a>(fields: impl Iterator<Item = (&'a str, &'a [u8])>) -> Vec<(
 /// Splits a byte stream into responses to requests with these methods, decoding chunks;
 /// `None` while it is incomplete (a body to the connection's end is complete at `eof`).
 fn responses(mut raw: &[u8], methods: &[&str], eof: bool) -> Option<Vec<Norm>> {
+    let mut out = Vec::new();
+    for method in methods {
+        let (norm, used) = one_response(raw, method, eof)?;
+        out.push(norm);
+        raw = &raw[used..];
+    }
+    assert!(raw.is_empty(), "bytes after the last response: {:?}", String::from_utf8_lossy(raw));
+    Some(out)
+}
+
+/// The response at the start of `raw` to a request with `method`, and its length in bytes;
+/// `None` while it is incomplete.
+fn one_response(raw: &[u8], method: &str, eof: bool) -> Option<(Norm, usize)> {
     fn line(raw: &[u8]) -> Option<(&[u8], &[u8])> {
         let end = raw.windows(2).position(|w| w == b"\r\n")?;
         Some((&raw[..end], &raw[end + 2..]))
     }
-    let mut out = Vec::new();
-    for method in methods {
-        let mut fields = [httparse::EMPTY_HEADER; 64];
-        let mut res = httparse::Response::new(&mut fields);
-        let len = match res.parse(raw) {
-            Ok(httparse::Status::Complete(len)) => len,
-            Ok(httparse::Status::Partial) => return None,
-            Err(e) => panic!("not a response head ({e}): {:?}", String::from_utf8_lossy(raw)),
-        };
-        let code = res.code.unwrap();
-        let status_line = format!("HTTP/1.{} {} {}", res.version.unwrap(), code, res.reason.unwrap_or(""));
-        let get = |name: &str| res.headers.iter().find(|f| f.name.eq_ignore_ascii_case(name)).map(|f| f.value);
-        let chunked = get("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case(b"chunked"));
-        let length = get("content-length").map(|v| std::str::from_utf8(v).unwrap().parse::<usize>().unwrap());
-        let date = get("date").is_some();
-        let fields = sorted_fields(
-            res.headers.iter().filter(|f| !f.name.eq_ignore_ascii_case("date")).map(|f| (f.name, f.value)),
-        );
-        raw = &raw[len..];
-        let (mut body, mut trailers) = (Vec::new(), Vec::new());
-        if *method == "HEAD" || code == 204 || code == 304 {
-        } else if chunked {
-            loop {
-                let (size, rest) = line(raw)?;
-                let size = usize::from_str_radix(std::str::from_utf8(size).unwrap(), 16).unwrap();
-                raw = rest;
-                if size == 0 {
-                    break;
-                }
-                if raw.len() < size + 2 {
-                    return None;
-                }
-                body.extend_from_slice(&raw[..size]);
-                assert_eq!(&raw[size..size + 2], b"\r\n");
-                raw = &raw[size + 2..];
+    let all = raw.len();
+    let mut fields = [httparse::EMPTY_HEADER; 64];
+    let mut res = httparse::Response::new(&mut fields);
+    let len = match res.parse(raw) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return None,
+        Err(e) => panic!("not a response head ({e}): {:?}", String::from_utf8_lossy(raw)),
+    };
+    let code = res.code.unwrap();
+    let status_line = format!("HTTP/1.{} {} {}", res.version.unwrap(), code, res.reason.unwrap_or(""));
+    let get = |name: &str| res.headers.iter().find(|f| f.name.eq_ignore_ascii_case(name)).map(|f| f.value);
+    let chunked = get("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case(b"chunked"));
+    let length = get("content-length").map(|v| std::str::from_utf8(v).unwrap().parse::<usize>().unwrap());
+    let date = get("date").is_some();
+    let fields =
+        sorted_fields(res.headers.iter().filter(|f| !f.name.eq_ignore_ascii_case("date")).map(|f| (f.name, f.value)));
+    let mut raw = &raw[len..];
+    let (mut body, mut trailers) = (Vec::new(), Vec::new());
+    if method == "HEAD" || code == 204 || code == 304 {
+    } else if chunked {
+        loop {
+            let (size, rest) = line(raw)?;
+            let size = usize::from_str_radix(std::str::from_utf8(size).unwrap(), 16).unwrap();
+            raw = rest;
+            if size == 0 {
+                break;
             }
-            loop {
-                let (field, rest) = line(raw)?;
-                raw = rest;
-                if field.is_empty() {
-                    break;
-                }
-                let (n, v) = std::str::from_utf8(field).unwrap().split_once(':').unwrap();
-                trailers.push((n.trim().to_ascii_lowercase(), v.trim().to_string()));
-            }
-        } else if let Some(n) = length {
-            if raw.len() < n {
+            if raw.len() < size + 2 {
                 return None;
             }
-            body.extend_from_slice(&raw[..n]);
-            raw = &raw[n..];
-        } else if eof {
-            body.extend_from_slice(raw);
-            raw = &[];
-        } else {
+            body.extend_from_slice(&raw[..size]);
+            assert_eq!(&raw[size..size + 2], b"\r\n");
+            raw = &raw[size + 2..];
+        }
+        loop {
+            let (field, rest) = line(raw)?;
+            raw = rest;
+            if field.is_empty() {
+                break;
+            }
+            let (n, v) = std::str::from_utf8(field).unwrap().split_once(':').unwrap();
+            trailers.push((n.trim().to_ascii_lowercase(), v.trim().to_string()));
+        }
+    } else if let Some(n) = length {
+        if raw.len() < n {
             return None;
         }
-        out.push(Norm { status_line, fields, date, body, trailers });
+        body.extend_from_slice(&raw[..n]);
+        raw = &raw[n..];
+    } else if eof {
+        body.extend_from_slice(raw);
+        raw = &[];
+    } else {
+        return None;
     }
-    assert!(raw.is_empty(), "bytes after the last response: {:?}", String::from_utf8_lossy(raw));
-    Some(out)
+    Some((Norm { status_line, fields, date, body, trailers }, all - raw.len()))
 }
 
 /// A request head as the app read it: request line, then its fields as in [`Norm`].
@@ -243,6 +251,9 @@ async fn the_fast_path_answers_as_hyper_does_and_sends_the_app_the_same_heads() 
             Path::Fast,
         ),
         // Handed to hyper from the start.
+        // (Both framings at once, answered to a request with a body: hyper's client decodes
+        // the chunks and the length must not reach the client.)
+        ("POST /both HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n\r\nx".into(), vec!["POST"], Path::Hyper),
         ("POST /post HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n\r\nabcd".into(), vec!["POST"], Path::Hyper),
         ("GET http://a/abs HTTP/1.1\r\nHost: a\r\n\r\n".into(), vec!["GET"], Path::Hyper),
         ("GET /no-host HTTP/1.0\r\n\r\n".into(), vec!["GET"], Path::Hyper),
@@ -407,4 +418,223 @@ async fn read_until(s: &mut Box<dyn Stream>, got: &mut Vec<u8>, want: &[u8]) {
         assert!(n > 0, "the connection ended before {:?}", String::from_utf8_lossy(want));
         got.extend_from_slice(&buf[..n]);
     }
+}
+
+/// A small deterministic generator (xorshift64*): the random cases below are the same on every
+/// run, and a failing one is named by its number.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+    fn chance(&mut self, percent: usize) -> bool {
+        self.below(100) < percent
+    }
+    fn pick<'a, T>(&mut self, from: &'a [T]) -> &'a T {
+        &from[self.below(from.len())]
+    }
+}
+
+/// A field name in the case a client might use: as written, lower, upper, or mixed.
+fn any_case(rng: &mut Rng, name: &str) -> String {
+    match rng.below(4) {
+        0 => name.to_string(),
+        1 => name.to_ascii_lowercase(),
+        2 => name.to_ascii_uppercase(),
+        _ => {
+            name.chars().map(|c| if rng.chance(50) { c.to_ascii_uppercase() } else { c.to_ascii_lowercase() }).collect()
+        }
+    }
+}
+
+/// One request of a random pipeline, and its method; `last` asks the proxy to close after it.
+fn random_request(rng: &mut Rng, last: bool) -> (String, &'static str) {
+    let method = *rng.pick(&["GET", "GET", "GET", "GET", "HEAD", "HEAD", "DELETE", "OPTIONS", "POST"]);
+    let http10 = rng.chance(15);
+    let mut fields: Vec<(String, String)> = Vec::new();
+    let mut field = |rng: &mut Rng, name: &str, value: &str| {
+        let ows = |rng: &mut Rng| *rng.pick(&["", "", " ", "\t", "  "]);
+        let value = format!("{}{value}{}", ows(rng), ows(rng));
+        fields.push((any_case(rng, name), value));
+    };
+    match rng.below(20) {
+        0 if !http10 => {}
+        1 => {
+            field(rng, "Host", "a");
+            field(rng, "Host", "b");
+        }
+        _ => {
+            let host = *rng.pick(&["a", "a.example:8080", "[::1]:80"]);
+            field(rng, "Host", host);
+        }
+    }
+    let mut connection: Vec<&str> = Vec::new();
+    if rng.chance(20) {
+        connection.push(*rng.pick(&["keep-alive", "close", "Keep-Alive", "X-Foo", "Upgrade"]));
+    }
+    if rng.chance(10) {
+        connection.push(*rng.pick(&["keep-alive", "close"]));
+    }
+    if last {
+        connection.push("close");
+    }
+    let keep_alive_10 = http10 && connection.iter().any(|t| t.eq_ignore_ascii_case("keep-alive"));
+    for _ in 0..rng.below(5) {
+        let (name, value): (&str, String) = match rng.below(13) {
+            0 => ("X-Forwarded-For", rng_ip(rng).into()),
+            1 => ("X-Forwarded-For", format!("{}, {}", rng_ip(rng), rng_ip(rng))),
+            2 => ("X-Forwarded-Proto", "https".into()),
+            3 => ("X-Forwarded-Host", "front.example".into()),
+            4 => ("TE", (*rng.pick(&["trailers", "gzip", "trailers, deflate"])).into()),
+            5 => ("Keep-Alive", "timeout=5".into()),
+            6 => ("Proxy-Connection", "keep-alive".into()),
+            7 => ("Cookie", (*rng.pick(&["a=1", "b=2; c=3"])).into()),
+            8 => ("Accept", "*/*".into()),
+            9 => ("X-Foo", "1".into()),
+            10 => ("Upgrade", "foo".into()),
+            11 if rng.chance(30) => ("Expect", "100-continue".into()),
+            _ => ("User-Agent", "random/1.0".into()),
+        };
+        field(rng, name, &value);
+    }
+    if !connection.is_empty() {
+        field(rng, "Connection", &connection.join(", "));
+    }
+    // An HTTP/1.0 client that asked to keep its connection gets a body to the connection's
+    // end (the app's own, or chunks it cannot take) with `close` on the fast path and
+    // `keep-alive` from hyper: a known difference (the side-by-side test above states it), so
+    // not drawn here.
+    let paths: &[&str] = if keep_alive_10 {
+        &["/length", "/head", "/no-content", "/not-modified", "/reason", "/named", "/hop", "/x"]
+    } else {
+        &[
+            "/length",
+            "/chunked",
+            "/to-end",
+            "/head",
+            "/no-content",
+            "/not-modified",
+            "/reason",
+            "/no-reason",
+            "/named",
+            "/hop",
+            "/interim",
+            "/both",
+            "/http10",
+            "/app-close",
+            "/x",
+        ]
+    };
+    // `/head` announces a body it never sends: for HEAD only.
+    let path = match *rng.pick(paths) {
+        "/head" if method != "HEAD" => "/length",
+        path => path,
+    };
+    let body = if method == "POST" {
+        let body = "x".repeat(rng.below(40));
+        field(rng, "Content-Length", &body.len().to_string());
+        body
+    } else {
+        String::new()
+    };
+    let mut raw = format!("{method} {path} HTTP/1.{}\r\n", if http10 { 0 } else { 1 });
+    for (name, value) in &fields {
+        raw.push_str(&format!("{name}:{value}\r\n"));
+    }
+    raw.push_str("\r\n");
+    raw.push_str(&body);
+    (raw, method)
+}
+
+fn rng_ip(rng: &mut Rng) -> &'static str {
+    const IPS: [&str; 4] = ["10.0.0.1", "192.0.2.7", "2001:db8::1", "unknown"];
+    IPS[rng.below(IPS.len())]
+}
+
+/// Sends `raw`, in pieces cut at `cuts`, and reads until the proxy closes: every random
+/// pipeline ends with `Connection: close`. The responses are those that arrived whole, in
+/// order.
+async fn until_end(addr: std::net::SocketAddr, raw: &[u8], cuts: &[usize], methods: &[&str]) -> (Vec<Norm>, Vec<u8>) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut from = 0;
+    for &cut in cuts.iter().chain([raw.len()].iter()) {
+        // A piece is its own segment: written, then the proxy may read it before the next. A
+        // proxy that closed early (after an error, or a close) takes no more.
+        if s.write_all(&raw[from..cut]).await.is_err() {
+            break;
+        }
+        tokio::task::yield_now().await;
+        from = cut;
+    }
+    let mut got = Vec::new();
+    let mut buf = [0u8; 16384];
+    loop {
+        let read = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
+        match read.expect("the proxy closes after `Connection: close`") {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    let mut out = Vec::new();
+    let mut rest = &got[..];
+    for method in methods {
+        match one_response(rest, method, true) {
+            Some((norm, used)) => {
+                out.push(norm);
+                rest = &rest[used..];
+            }
+            None => break,
+        }
+    }
+    assert!(rest.is_empty(), "bytes after the last whole response: {:?}", String::from_utf8_lossy(rest));
+    (out, got)
+}
+
+/// Random pipelines of the requests the cases above are made of (methods, versions, hop-by-hop
+/// and forwarding fields in any case and spacing, bodies, errors) through both paths: the
+/// clients read the same responses and the apps the same heads.
+#[tokio::test]
+async fn random_pipelines_are_answered_alike_on_both_paths() {
+    let (fast_app, hyper_app) = (scripted_app(answers).await, scripted_app(answers).await);
+    let fast = proxy(fast_app.addr, |c| c.health.path = None).await;
+    let slow = proxy(hyper_app.addr, |c| {
+        c.health.path = None;
+        c.runtime.http1_fast_path = false;
+    })
+    .await;
+    let heads = |app: &Scripted| {
+        let addr = app.addr.to_string();
+        app.heads.lock().unwrap().drain(..).map(|h| norm_head(&h.replace(&addr, "APP"))).collect::<Vec<_>>()
+    };
+    let mut rng = Rng(0x5eed_d2a1_4b1e_c0de);
+    // Responses the fast path served (it keeps the app's `X-App`), and all responses.
+    let (mut fast_served, mut all) = (0, 0);
+    for case in 0..1000 {
+        let count = 1 + rng.below(4);
+        let (mut raw, mut methods) = (String::new(), Vec::new());
+        for i in 0..count {
+            let (request, method) = random_request(&mut rng, i + 1 == count);
+            raw.push_str(&request);
+            methods.push(method);
+        }
+        // Heads and bodies cut anywhere, as a slow client's segments cut them.
+        let mut cuts: Vec<usize> = (0..rng.below(4)).map(|_| rng.below(raw.len())).collect();
+        cuts.sort_unstable();
+        let (f, out) = until_end(fast.proxy_addr, raw.as_bytes(), &cuts, &methods).await;
+        let (h, _) = until_end(slow.proxy_addr, raw.as_bytes(), &cuts, &methods).await;
+        assert_eq!(f, h, "case {case}:\n{raw}");
+        fast_served += String::from_utf8_lossy(&out).matches("X-App: a").count();
+        all += f.len();
+        assert_eq!(heads(&fast_app), heads(&hyper_app), "what the app read, case {case}:\n{raw}");
+    }
+    // Both paths were exercised: most requests qualify for the fast path, some go to hyper.
+    eprintln!("{fast_served} of {all} responses from the fast path");
+    assert!(fast_served * 10 > all * 3 && fast_served < all, "{fast_served} of {all} from the fast path");
 }
