@@ -343,8 +343,12 @@ fn framing<B>(head_request: bool, res: &Response<B>, fields: &Fields) -> io::Res
     let both = fields.chunked.is_some() && (fields.length.is_some() || fields.bad_length);
     let keep_alive = res.version() == Version::HTTP_11 && !fields.close && !both;
     let status = res.status();
-    if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
-        return Ok((Framing::Done, keep_alive, both));
+    let no_content = status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
+    if head_request || no_content {
+        // A 204 must not carry a length (RFC 9110 §8.6); hyper's server drops one from a 304
+        // as well, and the fast path answers as hyper does.
+        let length = fields.length.is_some() || fields.bad_length;
+        return Ok((Framing::Done, keep_alive, both || (no_content && length)));
     }
     if let Some(chunked) = fields.chunked {
         return Ok(if chunked {
@@ -637,6 +641,15 @@ mod tests {
         assert_eq!(f("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n").unwrap(), (Framing::ToEnd, false));
         assert_eq!(f("HTTP/1.1 200 OK\r\n\r\n").unwrap(), (Framing::ToEnd, false));
         assert_eq!(f("HTTP/1.1 204 No Content\r\ncontent-length: 7\r\n\r\n").unwrap(), (Framing::Done, true));
+        // No length goes on with a 204 or a 304, as hyper's server sends neither; HEAD keeps it.
+        for raw in [
+            "HTTP/1.1 204 No Content\r\ncontent-length: 7\r\n\r\n",
+            "HTTP/1.1 304 Not Modified\r\ncontent-length: 7\r\n\r\n",
+        ] {
+            assert!(!head(raw, Method::GET).unwrap().0.headers().contains_key("content-length"), "{raw}");
+        }
+        let ok = "HTTP/1.1 200 OK\r\ncontent-length: 7\r\n\r\n";
+        assert!(head(ok, Method::HEAD).unwrap().0.headers().contains_key("content-length"));
         assert_eq!(f("HTTP/1.1 304 Not Modified\r\n\r\n").unwrap(), (Framing::Done, true));
         assert!(!f("HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 1\r\n\r\n").unwrap().1);
         assert!(!f("HTTP/1.0 200 OK\r\ncontent-length: 1\r\n\r\n").unwrap().1);
