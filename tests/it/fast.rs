@@ -656,7 +656,17 @@ async fn random_pipelines_are_answered_alike_on_both_paths() {
 
 /// What the app answers `/r/<i>` with (`/r/<i>/h`: the head alone), and whether it closes
 /// after each; made once, from a fixed seed.
-type Answer = (&'static [u8], bool, &'static [u8], bool);
+struct Answer {
+    /// The answer, and whether the app closes after it.
+    full: &'static [u8],
+    close: bool,
+    /// Its head alone (to HEAD), and whether the app closes after it.
+    head: &'static [u8],
+    head_close: bool,
+    /// The final status and the content, decoded, that a client must read.
+    status: u16,
+    content: Vec<u8>,
+}
 static RANDOM_ANSWERS: std::sync::OnceLock<Vec<Answer>> = std::sync::OnceLock::new();
 const RANDOM_ANSWER_COUNT: usize = 400;
 
@@ -667,11 +677,11 @@ fn random_answer(path: &str) -> (&'static [u8], bool) {
         Some(i) => (i, true),
         None => (rest, false),
     };
-    let (full, close, head, head_close) = answers[i.parse::<usize>().expect("an index")];
+    let a = &answers[i.parse::<usize>().expect("an index")];
     if head_only {
-        (head, head_close)
+        (a.head, a.head_close)
     } else {
-        (full, close)
+        (a.full, a.close)
     }
 }
 
@@ -721,6 +731,7 @@ fn make_answer(rng: &mut Rng) -> Answer {
     }
     let data = |rng: &mut Rng| "x".repeat(rng.below(30));
     let mut body = Vec::new();
+    let mut content = Vec::new();
     let mut to_end = false;
     let bodiless = status == 204 || status == 304;
     match rng.below(if bodiless { 2 } else { 6 }) {
@@ -731,6 +742,7 @@ fn make_answer(rng: &mut Rng) -> Answer {
             field(rng, "Content-Length", &n.to_string());
             if !bodiless {
                 body.extend("y".repeat(n).bytes());
+                content.extend("y".repeat(n).bytes());
             }
         }
         2 | 3 => {
@@ -748,6 +760,7 @@ fn make_answer(rng: &mut Rng) -> Answer {
                 if !chunk.is_empty() {
                     let ext = if rng.chance(20) { ";x=1" } else { "" };
                     body.extend(format!("{:x}{ext}\r\n{chunk}\r\n", chunk.len()).bytes());
+                    content.extend(chunk.bytes());
                 }
             }
             body.extend(b"0\r\n");
@@ -758,19 +771,29 @@ fn make_answer(rng: &mut Rng) -> Answer {
         }
         4 => {
             // To the connection's end.
-            body.extend(data(rng).bytes());
+            let data = data(rng);
+            body.extend(data.bytes());
+            content.extend(data.bytes());
             to_end = true;
         }
         _ => {
             field(rng, "Transfer-Encoding", "gzip");
-            body.extend(data(rng).bytes());
+            let data = data(rng);
+            body.extend(data.bytes());
+            content.extend(data.bytes());
             to_end = true;
         }
     }
     head.push_str("\r\n");
     let full = [head.as_bytes(), &body].concat();
-    let full: &'static [u8] = Box::leak(full.into_boxed_slice());
-    (full, conn_close || to_end, Box::leak(head.into_bytes().into_boxed_slice()), conn_close)
+    Answer {
+        full: Box::leak(full.into_boxed_slice()),
+        close: conn_close || to_end,
+        head: Box::leak(head.into_bytes().into_boxed_slice()),
+        head_close: conn_close,
+        status,
+        content,
+    }
 }
 
 /// Random requests to random app answers through both paths: the clients read the same
@@ -808,6 +831,20 @@ async fn random_answers_reach_clients_alike_on_both_paths() {
         fast_served += String::from_utf8_lossy(&out).matches("X-App: a").count();
         all += f.len();
         assert_eq!(heads(&fast_app), heads(&hyper_app), "what the app read, case {case}:\n{raw}");
+        // Not only alike: what the app meant. Each app answer (not the proxy's own) arrives
+        // with its status and its content whole, however it was framed.
+        let answers = RANDOM_ANSWERS.get().unwrap();
+        let paths = raw.lines().filter_map(|l| l.split(' ').nth(1).filter(|p| p.starts_with("/r/")));
+        for ((norm, path), method) in f.iter().zip(paths).zip(&methods) {
+            if !norm.fields.contains(&("x-app".into(), "a".into())) {
+                continue;
+            }
+            let index = path.trim_start_matches("/r/").trim_end_matches("/h");
+            let answer = &answers[index.parse::<usize>().unwrap()];
+            assert_eq!(norm.status_line.split(' ').nth(1), Some(answer.status.to_string().as_str()), "case {case}");
+            let content: &[u8] = if *method == "HEAD" { &[] } else { &answer.content };
+            assert_eq!(norm.body, content, "case {case}, {path}:\n{raw}");
+        }
     }
     eprintln!("{fast_served} of {all} responses from the fast path");
     assert!(fast_served * 10 > all * 3 && fast_served < all, "{fast_served} of {all} from the fast path");
