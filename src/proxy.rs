@@ -287,8 +287,12 @@ fn into_client_response(
     let (mut parts, body) = res.into_parts();
     // Framed by `Transfer-Encoding`, which overrides a `Content-Length` beside it: the client
     // gets the body re-framed, and a length it would trust must not go with it (RFC 9112
-    // §6.3: an intermediary removes it). hyper's client leaves it in the map.
-    if parts.headers.contains_key(header::TRANSFER_ENCODING) {
+    // §6.3: an intermediary removes it). hyper's client leaves it in the map. A 204 must not
+    // carry one (RFC 9110 §8.6), and none goes with a 304 either, as on the lean path.
+    if parts.headers.contains_key(header::TRANSFER_ENCODING)
+        || parts.status == StatusCode::NO_CONTENT
+        || parts.status == StatusCode::NOT_MODIFIED
+    {
         parts.headers.remove(header::CONTENT_LENGTH);
     }
     strip_hop_by_hop(&mut parts.headers);

@@ -666,6 +666,9 @@ struct Answer {
     /// The final status and the content, decoded, that a client must read.
     status: u16,
     content: Vec<u8>,
+    /// HTTP/1.0 with `Transfer-Encoding`: framing RFC 9112 §6.1 calls faulty. The lean client
+    /// decodes it and closes; hyper's client refuses it (a 502).
+    faulty: bool,
 }
 static RANDOM_ANSWERS: std::sync::OnceLock<Vec<Answer>> = std::sync::OnceLock::new();
 const RANDOM_ANSWER_COUNT: usize = 400;
@@ -733,6 +736,7 @@ fn make_answer(rng: &mut Rng) -> Answer {
     let mut body = Vec::new();
     let mut content = Vec::new();
     let mut to_end = false;
+    let mut coded = false;
     let bodiless = status == 204 || status == 304;
     match rng.below(if bodiless { 2 } else { 6 }) {
         // No framing: a body to the connection's end (empty), unless there can be none.
@@ -748,6 +752,7 @@ fn make_answer(rng: &mut Rng) -> Answer {
         2 | 3 => {
             let both = rng.chance(30);
             let coding = *rng.pick(&["chunked", "Chunked", "gzip, chunked"]);
+            coded = true;
             field(rng, "Transfer-Encoding", coding);
             if both {
                 field(rng, "Content-Length", "3");
@@ -778,6 +783,7 @@ fn make_answer(rng: &mut Rng) -> Answer {
         }
         _ => {
             field(rng, "Transfer-Encoding", "gzip");
+            coded = true;
             let data = data(rng);
             body.extend(data.bytes());
             content.extend(data.bytes());
@@ -793,6 +799,7 @@ fn make_answer(rng: &mut Rng) -> Answer {
         head_close: conn_close,
         status,
         content,
+        faulty: http10 && coded,
     }
 }
 
@@ -848,4 +855,56 @@ async fn random_answers_reach_clients_alike_on_both_paths() {
     }
     eprintln!("{fast_served} of {all} responses from the fast path");
     assert!(fast_served * 10 > all * 3 && fast_served < all, "{fast_served} of {all} from the fast path");
+}
+
+/// The random app answers to an HTTP/2 client (hyper's server, the HTTP/1.1 app behind), to
+/// requests with a body and without: each
+/// arrives as a valid HTTP/2 response with the app's status and content, no connection-specific
+/// field (HTTP/2 forbids them), and a length, if any, that is the content's.
+#[tokio::test]
+async fn random_answers_reach_http2_clients_whole() {
+    let mut rng = Rng(0xa115_0f7e_5a3e_0001);
+    RANDOM_ANSWERS.get_or_init(|| (0..RANDOM_ANSWER_COUNT).map(|_| make_answer(&mut rng)).collect());
+    let app = scripted_app(random_answer).await;
+    let p = proxy(app.addr, |c| c.health.path = None).await;
+    // Without Nagle's algorithm, as HTTP/2 clients run: a request's frames go at once.
+    let stream = TcpStream::connect(p.proxy_addr).await.unwrap();
+    stream.set_nodelay(true).unwrap();
+    let (mut sender, _conn) = h2_on(stream).await;
+    for (i, answer) in RANDOM_ANSWERS.get().unwrap().iter().enumerate() {
+        // HEAD and GET go by the lean client, POST with its body by hyper's.
+        for method in [http::Method::GET, http::Method::HEAD, http::Method::POST] {
+            let head = method == http::Method::HEAD;
+            let path = format!("/r/{i}{}", if head { "/h" } else { "" });
+            let body = if method == http::Method::POST { full(bytes::Bytes::from_static(b"x")) } else { empty() };
+            let req =
+                http::Request::builder().method(method.clone()).uri(format!("http://a{path}")).body(body).unwrap();
+            sender.ready().await.unwrap();
+            let res = tokio::time::timeout(Duration::from_secs(5), sender.send_request(req))
+                .await
+                .expect("an answer")
+                .unwrap_or_else(|e| panic!("{path}: {e}"));
+            let (parts, body) = res.into_parts();
+            let body =
+                http_body_util::BodyExt::collect(body).await.unwrap_or_else(|e| panic!("{path}: {e}")).to_bytes();
+            if answer.faulty && method == http::Method::POST {
+                assert_eq!(parts.status, http::StatusCode::BAD_GATEWAY, "{path}");
+                continue;
+            }
+            assert_eq!(parts.status.as_u16(), answer.status, "{path}");
+            let content: &[u8] = if head { &[] } else { &answer.content };
+            assert_eq!(&body[..], content, "{path}");
+            for name in ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"] {
+                assert!(!parts.headers.contains_key(name), "{path}: {name} passed on");
+            }
+            // `X-Secret` goes only where a `Connection` field named it.
+            let app_head = String::from_utf8_lossy(answer.head).to_ascii_lowercase();
+            let named = app_head.lines().any(|l| l.starts_with("connection:") && l.contains("x-secret"));
+            let sent = app_head.lines().any(|l| l.starts_with("x-secret:"));
+            assert_eq!(parts.headers.contains_key("x-secret"), sent && !named, "{path}");
+            if let (Some(length), false) = (parts.headers.get("content-length"), head) {
+                assert_eq!(length.to_str().unwrap(), body.len().to_string(), "{path}");
+            }
+        }
+    }
 }
