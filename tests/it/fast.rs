@@ -461,7 +461,13 @@ fn any_case(rng: &mut Rng, name: &str) -> String {
 
 /// One request of a random pipeline, and its method; `last` asks the proxy to close after it.
 /// With `random_answers`, the path names one of that many random app answers (`/r/<i>`).
-fn random_request(rng: &mut Rng, last: bool, random_answers: Option<usize>) -> (String, &'static str) {
+/// Without `keep_alive_10`, no HTTP/1.0 request asks to keep its connection.
+fn random_request(
+    rng: &mut Rng,
+    last: bool,
+    random_answers: Option<usize>,
+    keep_alive_10: bool,
+) -> (String, &'static str) {
     let method = *rng.pick(&["GET", "GET", "GET", "GET", "HEAD", "HEAD", "DELETE", "OPTIONS", "POST"]);
     let http10 = rng.chance(15);
     let mut fields: Vec<(String, String)> = Vec::new();
@@ -491,8 +497,9 @@ fn random_request(rng: &mut Rng, last: bool, random_answers: Option<usize>) -> (
     if last {
         connection.push("close");
     }
-    if http10 && random_answers.is_some() {
-        // Any random answer may end at the connection's end: the known difference below.
+    if http10 && (random_answers.is_some() || !keep_alive_10) {
+        // Any random answer may end at the connection's end, as every answer does during a
+        // drain: the known difference below.
         connection.retain(|t| !t.eq_ignore_ascii_case("keep-alive"));
     }
     let keep_alive_10 = http10 && connection.iter().any(|t| t.eq_ignore_ascii_case("keep-alive"));
@@ -612,46 +619,106 @@ async fn until_end(addr: std::net::SocketAddr, raw: &[u8], cuts: &[usize], metho
     (out, got)
 }
 
+/// Two proxies, with and without the fast path, each in front of its own scripted app.
+struct Pair {
+    fast_app: Scripted,
+    hyper_app: Scripted,
+    fast: drainproxy::app::Running,
+    slow: drainproxy::app::Running,
+}
+
+impl Pair {
+    async fn new(answer: fn(&str) -> (&'static [u8], bool), tweak: fn(&mut drainproxy::config::Config)) -> Pair {
+        let (fast_app, hyper_app) = (scripted_app(answer).await, scripted_app(answer).await);
+        let fast = proxy(fast_app.addr, |c| {
+            c.health.path = None;
+            tweak(c);
+        })
+        .await;
+        let slow = proxy(hyper_app.addr, |c| {
+            c.health.path = None;
+            c.runtime.http1_fast_path = false;
+            tweak(c);
+        })
+        .await;
+        Pair { fast_app, hyper_app, fast, slow }
+    }
+
+    /// Sends `cases` random pipelines (`random_answers`, `keep_alive_10`: see
+    /// [`random_request`]) through both proxies, heads cut anywhere: the clients must read the
+    /// same responses and the apps the same heads. `check` sees each case's responses as well;
+    /// at the end, both paths must have answered (the fast path keeps the app's `X-App`).
+    async fn compare(
+        &self,
+        rng: &mut Rng,
+        cases: usize,
+        (random_answers, keep_alive_10): (Option<usize>, bool),
+        mut check: impl FnMut(usize, &str, &[&str], &[Norm]),
+    ) {
+        let heads = |app: &Scripted| {
+            let addr = app.addr.to_string();
+            app.heads.lock().unwrap().drain(..).map(|h| norm_head(&h.replace(&addr, "APP"))).collect::<Vec<_>>()
+        };
+        let (mut fast_served, mut all) = (0, 0);
+        for case in 0..cases {
+            let count = 1 + rng.below(4);
+            let (mut raw, mut methods) = (String::new(), Vec::new());
+            for i in 0..count {
+                let (request, method) = random_request(rng, i + 1 == count, random_answers, keep_alive_10);
+                raw.push_str(&request);
+                methods.push(method);
+            }
+            // Heads and bodies cut anywhere, as a slow client's segments cut them.
+            let mut cuts: Vec<usize> = (0..rng.below(4)).map(|_| rng.below(raw.len())).collect();
+            cuts.sort_unstable();
+            let (f, out) = until_end(self.fast.proxy_addr, raw.as_bytes(), &cuts, &methods).await;
+            let (h, _) = until_end(self.slow.proxy_addr, raw.as_bytes(), &cuts, &methods).await;
+            assert_eq!(f, h, "case {case}:\n{raw}");
+            assert_eq!(heads(&self.fast_app), heads(&self.hyper_app), "what the app read, case {case}:\n{raw}");
+            check(case, &raw, &methods, &f);
+            fast_served += String::from_utf8_lossy(&out).matches("X-App: a").count();
+            all += f.len();
+        }
+        // Both paths were exercised: most requests qualify for the fast path, some go to hyper.
+        eprintln!("{fast_served} of {all} responses from the fast path");
+        assert!(fast_served * 10 > all * 3 && fast_served < all, "{fast_served} of {all} from the fast path");
+    }
+}
+
 /// Random pipelines of the requests the cases above are made of (methods, versions, hop-by-hop
 /// and forwarding fields in any case and spacing, bodies, errors) through both paths: the
 /// clients read the same responses and the apps the same heads.
 #[tokio::test]
 async fn random_pipelines_are_answered_alike_on_both_paths() {
-    let (fast_app, hyper_app) = (scripted_app(answers).await, scripted_app(answers).await);
-    let fast = proxy(fast_app.addr, |c| c.health.path = None).await;
-    let slow = proxy(hyper_app.addr, |c| {
-        c.health.path = None;
-        c.runtime.http1_fast_path = false;
+    let pair = Pair::new(answers, |_| {}).await;
+    pair.compare(&mut Rng(0x5eed_d2a1_4b1e_c0de), 1000, (None, true), |_, _, _, _| {}).await;
+}
+
+/// The same while both proxies drain (DESIGN §4.2): every response says `Connection: close`
+/// and is the connection's last, on either path.
+#[tokio::test]
+async fn random_pipelines_during_a_drain_are_answered_alike_and_closed() {
+    use drainproxy::lifecycle::{Event, Phase, Trigger};
+    let pair = Pair::new(answers, |c| {
+        // Draining for the whole test: idle connections are not closed, the listener stays.
+        c.drain.min_delay = drainproxy::config::Dur(Duration::from_secs(120));
+        c.drain.max_duration = drainproxy::config::Dur(Duration::from_secs(180));
     })
     .await;
-    let heads = |app: &Scripted| {
-        let addr = app.addr.to_string();
-        app.heads.lock().unwrap().drain(..).map(|h| norm_head(&h.replace(&addr, "APP"))).collect::<Vec<_>>()
-    };
-    let mut rng = Rng(0x5eed_d2a1_4b1e_c0de);
-    // Responses the fast path served (it keeps the app's `X-App`), and all responses.
-    let (mut fast_served, mut all) = (0, 0);
-    for case in 0..1000 {
-        let count = 1 + rng.below(4);
-        let (mut raw, mut methods) = (String::new(), Vec::new());
-        for i in 0..count {
-            let (request, method) = random_request(&mut rng, i + 1 == count, None);
-            raw.push_str(&request);
-            methods.push(method);
-        }
-        // Heads and bodies cut anywhere, as a slow client's segments cut them.
-        let mut cuts: Vec<usize> = (0..rng.below(4)).map(|_| rng.below(raw.len())).collect();
-        cuts.sort_unstable();
-        let (f, out) = until_end(fast.proxy_addr, raw.as_bytes(), &cuts, &methods).await;
-        let (h, _) = until_end(slow.proxy_addr, raw.as_bytes(), &cuts, &methods).await;
-        assert_eq!(f, h, "case {case}:\n{raw}");
-        fast_served += String::from_utf8_lossy(&out).matches("X-App: a").count();
-        all += f.len();
-        assert_eq!(heads(&fast_app), heads(&hyper_app), "what the app read, case {case}:\n{raw}");
+    for p in [&pair.fast, &pair.slow] {
+        p.events.send(Event::Drain(Trigger::Http)).await.unwrap();
+        wait_phase(p, Phase::Draining).await;
     }
-    // Both paths were exercised: most requests qualify for the fast path, some go to hyper.
-    eprintln!("{fast_served} of {all} responses from the fast path");
-    assert!(fast_served * 10 > all * 3 && fast_served < all, "{fast_served} of {all} from the fast path");
+    let check = |case: usize, raw: &str, _: &[&str], got: &[Norm]| {
+        assert!(got.len() <= 1, "case {case}: {} responses on a draining connection:\n{raw}", got.len());
+        // (hyper, serving what the fast path hands it, may add `keep-alive` after `close` for
+        // an HTTP/1.0 client that asked for it: `close` wins, RFC 9112 §9.6.)
+        for r in got {
+            let close = r.fields.iter().any(|(n, v)| n == "connection" && v.split(',').any(|t| t.trim() == "close"));
+            assert!(close, "case {case}: {r:?}\n{raw}");
+        }
+    };
+    pair.compare(&mut Rng(0xd2a1_0000_5eed_0003), 300, (None, false), check).await;
 }
 
 /// What the app answers `/r/<i>` with (`/r/<i>/h`: the head alone), and whether it closes
@@ -804,45 +871,19 @@ fn make_answer(rng: &mut Rng) -> Answer {
 }
 
 /// Random requests to random app answers through both paths: the clients read the same
-/// responses and the apps the same heads.
+/// responses and the apps the same heads, and each app answer arrives with the status and the
+/// content the app meant.
 #[tokio::test]
 async fn random_answers_reach_clients_alike_on_both_paths() {
     let mut rng = Rng(0xa115_0f7e_5a3e_0001);
     RANDOM_ANSWERS.get_or_init(|| (0..RANDOM_ANSWER_COUNT).map(|_| make_answer(&mut rng)).collect());
-    let (fast_app, hyper_app) = (scripted_app(random_answer).await, scripted_app(random_answer).await);
-    let fast = proxy(fast_app.addr, |c| c.health.path = None).await;
-    let slow = proxy(hyper_app.addr, |c| {
-        c.health.path = None;
-        c.runtime.http1_fast_path = false;
-    })
-    .await;
-    let heads = |app: &Scripted| {
-        let addr = app.addr.to_string();
-        app.heads.lock().unwrap().drain(..).map(|h| norm_head(&h.replace(&addr, "APP"))).collect::<Vec<_>>()
-    };
-    let mut rng = Rng(0x0dd5_eed5_f00d_0002);
-    let (mut fast_served, mut all) = (0, 0);
-    for case in 0..1000 {
-        let count = 1 + rng.below(3);
-        let (mut raw, mut methods) = (String::new(), Vec::new());
-        for i in 0..count {
-            let (request, method) = random_request(&mut rng, i + 1 == count, Some(RANDOM_ANSWER_COUNT));
-            raw.push_str(&request);
-            methods.push(method);
-        }
-        let mut cuts: Vec<usize> = (0..rng.below(3)).map(|_| rng.below(raw.len())).collect();
-        cuts.sort_unstable();
-        let (f, out) = until_end(fast.proxy_addr, raw.as_bytes(), &cuts, &methods).await;
-        let (h, _) = until_end(slow.proxy_addr, raw.as_bytes(), &cuts, &methods).await;
-        assert_eq!(f, h, "case {case}:\n{raw}");
-        fast_served += String::from_utf8_lossy(&out).matches("X-App: a").count();
-        all += f.len();
-        assert_eq!(heads(&fast_app), heads(&hyper_app), "what the app read, case {case}:\n{raw}");
-        // Not only alike: what the app meant. Each app answer (not the proxy's own) arrives
-        // with its status and its content whole, however it was framed.
+    let pair = Pair::new(random_answer, |_| {}).await;
+    // Not only alike: what the app meant. Each app answer (not the proxy's own) arrives with
+    // its status and its content whole, however it was framed.
+    let check = |case: usize, raw: &str, methods: &[&str], got: &[Norm]| {
         let answers = RANDOM_ANSWERS.get().unwrap();
         let paths = raw.lines().filter_map(|l| l.split(' ').nth(1).filter(|p| p.starts_with("/r/")));
-        for ((norm, path), method) in f.iter().zip(paths).zip(&methods) {
+        for ((norm, path), method) in got.iter().zip(paths).zip(methods) {
             if !norm.fields.contains(&("x-app".into(), "a".into())) {
                 continue;
             }
@@ -852,9 +893,8 @@ async fn random_answers_reach_clients_alike_on_both_paths() {
             let content: &[u8] = if *method == "HEAD" { &[] } else { &answer.content };
             assert_eq!(norm.body, content, "case {case}, {path}:\n{raw}");
         }
-    }
-    eprintln!("{fast_served} of {all} responses from the fast path");
-    assert!(fast_served * 10 > all * 3 && fast_served < all, "{fast_served} of {all} from the fast path");
+    };
+    pair.compare(&mut Rng(0x0dd5_eed5_f00d_0002), 1000, (Some(RANDOM_ANSWER_COUNT), true), check).await;
 }
 
 /// The random app answers to an HTTP/2 client (hyper's server, the HTTP/1.1 app behind), to
