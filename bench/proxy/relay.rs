@@ -7,10 +7,14 @@
 //! top. The bench runs it beside HAProxy in `mode tcp`, so the floor is not one program's
 //! artifact.
 //!
-//! `cargo run --release --example relay -- LISTEN APP`, e.g. `127.0.0.1:18320 127.0.0.1:18080`.
+//! `cargo run --release --example relay -- LISTEN APP [WORK_NS]`, e.g. `127.0.0.1:18320
+//! 127.0.0.1:18080`. With `WORK_NS`, each read is followed by that many nanoseconds of busy
+//! work before it is forwarded (two per request), standing in for an HTTP proxy's parsing and
+//! rewriting: `bench/proxy/work_sweep.py` measures what such work costs on the shared core.
 //! Loopback only in the bench; it stops when killed.
 
 use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -20,14 +24,23 @@ use tokio::net::{TcpListener, TcpStream};
 /// One read's worth: a 1 KiB answer with its head, or a 16 KiB request in two reads at most.
 const BUF: usize = 16 * 1024;
 
+/// Busy for `work` (nothing with zero): CPU spent as HTTP work would spend it.
+fn busy(work: Duration) {
+    let start = Instant::now();
+    while start.elapsed() < work {
+        std::hint::spin_loop();
+    }
+}
+
 /// Copies one direction until either side ends; the buffer is allocated once per direction.
-async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf) {
+async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, work: Duration) {
     let mut buf = vec![0u8; BUF];
     loop {
         let n = match from.read(&mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
+        busy(work);
         if to.write_all(&buf[..n]).await.is_err() {
             break;
         }
@@ -36,7 +49,7 @@ async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf) {
     let _ = to.shutdown().await;
 }
 
-async fn relay(client: TcpStream, app: SocketAddr) {
+async fn relay(client: TcpStream, app: SocketAddr, work: Duration) {
     let Ok(upstream) = TcpStream::connect(app).await else { return };
     // Both sides without Nagle, as every proxy in the bench runs them.
     if client.set_nodelay(true).is_err() || upstream.set_nodelay(true).is_err() {
@@ -44,15 +57,18 @@ async fn relay(client: TcpStream, app: SocketAddr) {
     }
     let (client_read, client_write) = client.into_split();
     let (app_read, app_write) = upstream.into_split();
-    tokio::spawn(pump(client_read, app_write));
-    pump(app_read, client_write).await;
+    tokio::spawn(pump(client_read, app_write, work));
+    pump(app_read, client_write, work).await;
 }
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let [listen, app] = args.as_slice() else {
-        bail!("usage: relay LISTEN APP (e.g. 127.0.0.1:18320 127.0.0.1:18080)");
+    let (listen, app, work) = match args.as_slice() {
+        [listen, app] => (listen, app, "0"),
+        [listen, app, work] => (listen, app, work.as_str()),
+        _ => bail!("usage: relay LISTEN APP [WORK_NS] (e.g. 127.0.0.1:18320 127.0.0.1:18080 700)"),
     };
+    let work = Duration::from_nanos(work.parse().with_context(|| format!("bad WORK_NS {work}: nanoseconds"))?);
     let listen: SocketAddr = listen.parse().with_context(|| format!("bad listen address {listen}"))?;
     let app: SocketAddr = app.parse().with_context(|| format!("bad app address {app}"))?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_io().build()?;
@@ -60,7 +76,7 @@ fn main() -> anyhow::Result<()> {
         let listener = TcpListener::bind(listen).await.with_context(|| format!("cannot bind {listen}"))?;
         loop {
             let (client, _) = listener.accept().await?;
-            tokio::spawn(relay(client, app));
+            tokio::spawn(relay(client, app, work));
         }
     })
 }
