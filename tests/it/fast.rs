@@ -948,3 +948,91 @@ async fn random_answers_reach_http2_clients_whole() {
         }
     }
 }
+
+/// Random request bodies, framed by a length or by chunks (any sizes, extensions, trailers),
+/// cut anywhere and pipelined between bodiless requests, over HTTP/1.1; and in random DATA
+/// frames over HTTP/2. The app reads each body whole and exactly, and the connection carries
+/// on: the fast path hands a body to hyper, which serves what follows.
+#[tokio::test]
+async fn random_request_bodies_reach_the_app_whole() {
+    let app = app().await;
+    let p = proxy(app.addr, |c| c.health.path = None).await;
+    let mut rng = Rng(0xb0d1_e5b0_d1e5_0001);
+    // Bytes that look like framing, to catch a body read as anything else.
+    let content = |rng: &mut Rng| -> Vec<u8> {
+        let alphabet: &[&[u8]] = &[b"x", b"\r\n", b"0", b"0\r\n\r\n", b";", b":", b"\xff", b"GET / HTTP/1.1\r\n"];
+        let len = *rng.pick(&[0usize, 1, 7, 100, 3000, 70_000]);
+        let mut v = Vec::new();
+        while v.len() < len {
+            v.extend_from_slice(alphabet[rng.below(alphabet.len())]);
+        }
+        v.truncate(len);
+        v
+    };
+    for case in 0..300 {
+        let count = 1 + rng.below(3);
+        let (mut raw, mut methods, mut expected) = (Vec::new(), Vec::new(), Vec::new());
+        for i in 0..count {
+            let close = if i + 1 == count { "Connection: close\r\n" } else { "" };
+            if rng.chance(30) {
+                raw.extend(format!("GET /x HTTP/1.1\r\nHost: a\r\n{close}\r\n").bytes());
+                methods.push("GET");
+                expected.push(b"ok".to_vec());
+                continue;
+            }
+            let body = content(&mut rng);
+            let expect = if rng.chance(10) { "Expect: 100-continue\r\n" } else { "" };
+            if rng.chance(50) {
+                raw.extend(
+                    format!("POST /echo HTTP/1.1\r\nHost: a\r\n{expect}{close}Content-Length: {}\r\n\r\n", body.len())
+                        .bytes(),
+                );
+                raw.extend(&body);
+            } else {
+                raw.extend(
+                    format!("POST /echo HTTP/1.1\r\nHost: a\r\n{expect}{close}Transfer-Encoding: chunked\r\n\r\n")
+                        .bytes(),
+                );
+                let mut rest = &body[..];
+                while !rest.is_empty() {
+                    let n = (1 + rng.below(5000)).min(rest.len());
+                    let ext = if rng.chance(20) { ";name=value" } else { "" };
+                    raw.extend(format!("{n:x}{ext}\r\n").bytes());
+                    raw.extend(&rest[..n]);
+                    raw.extend(b"\r\n");
+                    rest = &rest[n..];
+                }
+                raw.extend(if rng.chance(20) { &b"0\r\nX-Sum: 1\r\n\r\n"[..] } else { &b"0\r\n\r\n"[..] });
+            }
+            methods.push("POST");
+            expected.push(body);
+        }
+        let mut cuts: Vec<usize> = (0..rng.below(5)).map(|_| rng.below(raw.len())).collect();
+        cuts.sort_unstable();
+        let (got, _) = until_end(p.proxy_addr, &raw, &cuts, &methods).await;
+        assert_eq!(got.len(), count, "case {case}: {} of {count} answered", got.len());
+        for (i, (r, want)) in got.iter().zip(&expected).enumerate() {
+            assert_eq!(r.status_line, "HTTP/1.1 200 OK", "case {case}, request {i}");
+            assert!(r.body == *want, "case {case}, request {i}: {} bytes back, {} sent", r.body.len(), want.len());
+        }
+    }
+    // HTTP/2: the same contents in DATA frames of random sizes, on one connection.
+    let (mut sender, _conn) = h2(p.proxy_addr).await;
+    for case in 0..100 {
+        let body = content(&mut rng);
+        let mut frames = Vec::new();
+        let mut rest = &body[..];
+        while !rest.is_empty() {
+            let n = (1 + rng.below(20_000)).min(rest.len());
+            frames.push(Ok::<_, hyper::Error>(hyper::body::Frame::data(bytes::Bytes::copy_from_slice(&rest[..n]))));
+            rest = &rest[n..];
+        }
+        let stream = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+        let req = http::Request::post("http://a/echo").body(http_body_util::BodyExt::boxed(stream)).unwrap();
+        sender.ready().await.unwrap();
+        let res = sender.send_request(req).await.unwrap_or_else(|e| panic!("h2 case {case}: {e}"));
+        assert_eq!(res.status(), 200, "h2 case {case}");
+        let back = http_body_util::BodyExt::collect(res.into_body()).await.unwrap().to_bytes();
+        assert!(back[..] == body[..], "h2 case {case}: {} bytes back, {} sent", back.len(), body.len());
+    }
+}

@@ -199,6 +199,13 @@ async fn handle(mut req: Request<Incoming>, st: Arc<AppState>) -> Result<Respons
             }
             Response::new(full(n.to_string()))
         }
+        "/echo" => {
+            // The request's content, decoded, as the answer.
+            match req.into_body().collect().await {
+                Ok(c) => Response::new(full(c.to_bytes())),
+                Err(_) => status(400),
+            }
+        }
         "/trailers" => {
             let mut trailers = HeaderMap::new();
             trailers.insert("grpc-status", "0".parse().unwrap());
