@@ -337,24 +337,21 @@ fn with_headers(res: Response<Spans>, head: &Bytes) -> io::Result<(Response<()>,
 /// delimited; whether the connection can carry another exchange after it; and whether its
 /// `Content-Length` must be dropped.
 fn framing<B>(head_request: bool, res: &Response<B>, fields: &Fields) -> io::Result<(Framing, bool, bool)> {
-    // Both framings at once is how requests are smuggled: the chunks win, the length is not
-    // passed on (RFC 9112 §6.3, for every message, a body or not), and the connection is not
-    // used again.
-    let both = fields.chunked.is_some() && (fields.length.is_some() || fields.bad_length);
+    let length = fields.length.is_some() || fields.bad_length;
+    // Both framings at once is how requests are smuggled: the chunks win, and the connection is
+    // not used again.
+    let both = length && fields.chunked.is_some();
     let keep_alive = res.version() == Version::HTTP_11 && !fields.close && !both;
     let status = res.status();
-    let no_content = status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
-    if head_request || no_content {
-        // A 204 must not carry a length (RFC 9110 §8.6); hyper's server drops one from a 304
-        // as well, and the fast path answers as hyper does.
-        let length = fields.length.is_some() || fields.bad_length;
-        return Ok((Framing::Done, keep_alive, both || (no_content && length)));
+    let drop_length = length && length_dropped(status, fields.chunked.is_some());
+    if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+        return Ok((Framing::Done, keep_alive, drop_length));
     }
     if let Some(chunked) = fields.chunked {
         return Ok(if chunked {
-            (Framing::Chunked(Chunk::Size), keep_alive, both)
+            (Framing::Chunked(Chunk::Size), keep_alive, drop_length)
         } else {
-            (Framing::ToEnd, false, both)
+            (Framing::ToEnd, false, drop_length)
         });
     }
     if fields.bad_length {
@@ -365,6 +362,14 @@ fn framing<B>(head_request: bool, res: &Response<B>, fields: &Fields) -> io::Res
         Some(n) => (Framing::Length(n), keep_alive, false),
         None => (Framing::ToEnd, false, false),
     })
+}
+
+/// Whether an answer's `Content-Length` must not be passed on, whichever client fetched it:
+/// beside `Transfer-Encoding`, which overrides it (RFC 9112 §6.3: an intermediary removes it,
+/// with a body or not); on a 204, which must not carry one (RFC 9110 §8.6); on a 304, from
+/// which hyper's server drops it too, and the fast path answers as hyper does.
+pub fn length_dropped(status: StatusCode, transfer_encoding: bool) -> bool {
+    transfer_encoding || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED
 }
 
 fn parse_decimal(s: &[u8]) -> Option<u64> {

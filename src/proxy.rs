@@ -23,6 +23,7 @@ use tracing::{debug, info, warn};
 use crate::body::{AccessInfo, Accounting, ConnState, RequestBody, RequestGuard, ResponseBody, SharedBody};
 use crate::config::UpstreamProtocol;
 use crate::error::ProxyError;
+use crate::lean;
 use crate::lifecycle::{Phase, State};
 use crate::metrics::CloseHow;
 use crate::upstream::{AppBody, Pooled, Upstream};
@@ -285,14 +286,9 @@ fn into_client_response(
     request_body: Option<Arc<SharedBody>>,
 ) -> Response<ResponseBody> {
     let (mut parts, body) = res.into_parts();
-    // Framed by `Transfer-Encoding`, which overrides a `Content-Length` beside it: the client
-    // gets the body re-framed, and a length it would trust must not go with it (RFC 9112
-    // §6.3: an intermediary removes it). hyper's client leaves it in the map. A 204 must not
-    // carry one (RFC 9110 §8.6), and none goes with a 304 either, as on the lean path.
-    if parts.headers.contains_key(header::TRANSFER_ENCODING)
-        || parts.status == StatusCode::NO_CONTENT
-        || parts.status == StatusCode::NOT_MODIFIED
-    {
+    // The lean path's rule, for answers through hyper's client too, which leaves the length in
+    // the map beside the chunks it decodes.
+    if lean::length_dropped(parts.status, parts.headers.contains_key(header::TRANSFER_ENCODING)) {
         parts.headers.remove(header::CONTENT_LENGTH);
     }
     strip_hop_by_hop(&mut parts.headers);
