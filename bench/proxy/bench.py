@@ -292,6 +292,19 @@ def run_load(workload, ports, seconds, tmp):
     return rps, n, errors + (int(non2xx.group(1)) if non2xx else 0)
 
 
+def measure(workload, ports, seconds, tmp, pids, app):
+    """One closed-loop run and what it cost: (req/s, errors, the proxy's user and system µs per
+    request, its preemptions and the app's sleeps per 1,000 requests). `pids`: the proxy's
+    processes (none for direct, whose proxy figures are then None); `app`: the app's."""
+    before, pre_before, app_before = cpu_ticks(pids), preemptions(pids), sleeps(app)
+    rps, n, errs = run_load(workload, ports, seconds, tmp)
+    after, pre_after, app_after = cpu_ticks(pids), preemptions(pids), sleeps(app)
+    user, system = ((a - b) / CLK_TCK * 1e6 / n if n and pids else None for a, b in zip(after, before))
+    pre = (pre_after - pre_before) * 1000 / n if n and pids else None
+    app_sleeps = (app_after - app_before) * 1000 / n if n else None
+    return rps, errs, user, system, pre, app_sleeps
+
+
 IDLE_SETTLE = 5.0
 
 
@@ -429,12 +442,7 @@ def main():
                     if workload in TLS_WORKLOADS and ports[2] is None:
                         continue
                     pids = stack.pids(target, workload) if target != "direct" else []
-                    before, pre_before, app_before = cpu_ticks(pids), preemptions(pids), sleeps(app)
-                    rps, n, errs = run_load(workload, ports, args.seconds, tmp)
-                    after, pre_after, app_after = cpu_ticks(pids), preemptions(pids), sleeps(app)
-                    user, system = ((a - b) / CLK_TCK * 1e6 / n if n and pids else None for a, b in zip(after, before))
-                    pre = (pre_after - pre_before) * 1000 / n if n and pids else None
-                    app_sleeps = (app_after - app_before) * 1000 / n if n else None
+                    rps, errs, user, system, pre, app_sleeps = measure(workload, ports, args.seconds, tmp, pids, app)
                     results.setdefault((workload, target), []).append((rps, user, system, pre, app_sleeps))
                     errors[(workload, target)] = errors.get((workload, target), 0) + errs
                     print(f"rep {rep + 1} {workload:<28} {target:<11} {rps:>10.0f} req/s"

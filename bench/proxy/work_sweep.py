@@ -60,14 +60,12 @@ def main():
             bench.run_load("h1 0 B", ports[t], 1, tmp)
         for rep in range(args.reps):
             for t in ports:
-                pids = stack.pids(t)
-                c0, p0, s0 = bench.cpu_ticks(pids), bench.preemptions(pids), bench.sleeps(app)
-                rps, n, errors = bench.run_load("h1 0 B", ports[t], args.seconds, tmp)
-                c1, p1, s1 = bench.cpu_ticks(pids), bench.preemptions(pids), bench.sleeps(app)
+                rps, errors, user, system, pre, slept = bench.measure("h1 0 B", ports[t], args.seconds, tmp,
+                                                                      stack.pids(t), app)
                 if errors:
                     sys.exit(f"{t}: {errors} errors")
-                us = sum(b - a for a, b in zip(c0, c1)) / bench.CLK_TCK * 1e6 / n
-                rows[t].append((rps, us, (p1 - p0) * 1000 / n, (s1 - s0) * 1000 / n))
+                us = user + system
+                rows[t].append((rps, us, pre, slept))
                 print(f"round {rep + 1} {t}: {rps:,.0f} req/s, {us:.1f} µs/req", file=sys.stderr, flush=True)
     finally:
         stack.stop()
