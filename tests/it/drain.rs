@@ -5,16 +5,11 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use drainproxy::config::Dur;
-use drainproxy::lifecycle::{Event, Phase, Trigger};
+use drainproxy::lifecycle::Phase;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::support::*;
-
-async fn start_drain(p: &drainproxy::app::Running) {
-    p.events.send(Event::Drain(Trigger::Http)).await.unwrap();
-    wait_phase(p, Phase::Draining).await;
-}
 
 /// Starts `/hold` on its own connection and returns once the app has it.
 async fn hold(app: &App, addr: std::net::SocketAddr) -> tokio::task::JoinHandle<Reply> {

@@ -447,6 +447,14 @@ impl Rng {
     }
 }
 
+/// Up to `most` places, in order, to cut `len` bytes at: heads and bodies cut anywhere, as a
+/// slow client's segments cut them.
+fn random_cuts(rng: &mut Rng, len: usize, most: usize) -> Vec<usize> {
+    let mut cuts: Vec<usize> = (0..rng.below(most + 1)).map(|_| rng.below(len)).collect();
+    cuts.sort_unstable();
+    cuts
+}
+
 /// A field name in the case a client might use: as written, lower, upper, or mixed.
 fn any_case(rng: &mut Rng, name: &str) -> String {
     match rng.below(4) {
@@ -668,9 +676,7 @@ impl Pair {
                 raw.push_str(&request);
                 methods.push(method);
             }
-            // Heads and bodies cut anywhere, as a slow client's segments cut them.
-            let mut cuts: Vec<usize> = (0..rng.below(4)).map(|_| rng.below(raw.len())).collect();
-            cuts.sort_unstable();
+            let cuts = random_cuts(rng, raw.len(), 3);
             let (f, out) = until_end(self.fast.proxy_addr, raw.as_bytes(), &cuts, &methods).await;
             let (h, _) = until_end(self.slow.proxy_addr, raw.as_bytes(), &cuts, &methods).await;
             assert_eq!(f, h, "case {case}:\n{raw}");
@@ -698,17 +704,14 @@ async fn random_pipelines_are_answered_alike_on_both_paths() {
 /// and is the connection's last, on either path.
 #[tokio::test]
 async fn random_pipelines_during_a_drain_are_answered_alike_and_closed() {
-    use drainproxy::lifecycle::{Event, Phase, Trigger};
     let pair = Pair::new(answers, |c| {
         // Draining for the whole test: idle connections are not closed, the listener stays.
         c.drain.min_delay = drainproxy::config::Dur(Duration::from_secs(120));
         c.drain.max_duration = drainproxy::config::Dur(Duration::from_secs(180));
     })
     .await;
-    for p in [&pair.fast, &pair.slow] {
-        p.events.send(Event::Drain(Trigger::Http)).await.unwrap();
-        wait_phase(p, Phase::Draining).await;
-    }
+    start_drain(&pair.fast).await;
+    start_drain(&pair.slow).await;
     let check = |case: usize, raw: &str, _: &[&str], got: &[Norm]| {
         assert!(got.len() <= 1, "case {case}: {} responses on a draining connection:\n{raw}", got.len());
         // (hyper, serving what the fast path hands it, may add `keep-alive` after `close` for
@@ -737,11 +740,19 @@ struct Answer {
     /// decodes it and closes; hyper's client refuses it (a 502).
     faulty: bool,
 }
-static RANDOM_ANSWERS: std::sync::OnceLock<Vec<Answer>> = std::sync::OnceLock::new();
 const RANDOM_ANSWER_COUNT: usize = 400;
 
+/// The random answers, the same for every test that uses them.
+fn random_answers() -> &'static [Answer] {
+    static ANSWERS: std::sync::OnceLock<Vec<Answer>> = std::sync::OnceLock::new();
+    ANSWERS.get_or_init(|| {
+        let mut rng = Rng(0xa115_0f7e_5a3e_0001);
+        (0..RANDOM_ANSWER_COUNT).map(|_| make_answer(&mut rng)).collect()
+    })
+}
+
 fn random_answer(path: &str) -> (&'static [u8], bool) {
-    let answers = RANDOM_ANSWERS.get().expect("made before the apps start");
+    let answers = random_answers();
     let rest = path.strip_prefix("/r/").expect("a random answer's path");
     let (i, head_only) = match rest.strip_suffix("/h") {
         Some(i) => (i, true),
@@ -841,16 +852,12 @@ fn make_answer(rng: &mut Rng) -> Answer {
             }
             body.extend(b"\r\n");
         }
-        4 => {
-            // To the connection's end.
-            let data = data(rng);
-            body.extend(data.bytes());
-            content.extend(data.bytes());
-            to_end = true;
-        }
-        _ => {
-            field(rng, "Transfer-Encoding", "gzip");
-            coded = true;
+        // To the connection's end, plain or with a coding other than chunked.
+        plain_or_coded => {
+            if plain_or_coded == 5 {
+                field(rng, "Transfer-Encoding", "gzip");
+                coded = true;
+            }
             let data = data(rng);
             body.extend(data.bytes());
             content.extend(data.bytes());
@@ -875,13 +882,11 @@ fn make_answer(rng: &mut Rng) -> Answer {
 /// content the app meant.
 #[tokio::test]
 async fn random_answers_reach_clients_alike_on_both_paths() {
-    let mut rng = Rng(0xa115_0f7e_5a3e_0001);
-    RANDOM_ANSWERS.get_or_init(|| (0..RANDOM_ANSWER_COUNT).map(|_| make_answer(&mut rng)).collect());
     let pair = Pair::new(random_answer, |_| {}).await;
     // Not only alike: what the app meant. Each app answer (not the proxy's own) arrives with
     // its status and its content whole, however it was framed.
     let check = |case: usize, raw: &str, methods: &[&str], got: &[Norm]| {
-        let answers = RANDOM_ANSWERS.get().unwrap();
+        let answers = random_answers();
         let paths = raw.lines().filter_map(|l| l.split(' ').nth(1).filter(|p| p.starts_with("/r/")));
         for ((norm, path), method) in got.iter().zip(paths).zip(methods) {
             if !norm.fields.contains(&("x-app".into(), "a".into())) {
@@ -903,15 +908,10 @@ async fn random_answers_reach_clients_alike_on_both_paths() {
 /// field (HTTP/2 forbids them), and a length, if any, that is the content's.
 #[tokio::test]
 async fn random_answers_reach_http2_clients_whole() {
-    let mut rng = Rng(0xa115_0f7e_5a3e_0001);
-    RANDOM_ANSWERS.get_or_init(|| (0..RANDOM_ANSWER_COUNT).map(|_| make_answer(&mut rng)).collect());
     let app = scripted_app(random_answer).await;
     let p = proxy(app.addr, |c| c.health.path = None).await;
-    // Without Nagle's algorithm, as HTTP/2 clients run: a request's frames go at once.
-    let stream = TcpStream::connect(p.proxy_addr).await.unwrap();
-    stream.set_nodelay(true).unwrap();
-    let (mut sender, _conn) = h2_on(stream).await;
-    for (i, answer) in RANDOM_ANSWERS.get().unwrap().iter().enumerate() {
+    let (mut sender, _conn) = h2(p.proxy_addr).await;
+    for (i, answer) in random_answers().iter().enumerate() {
         // HEAD and GET go by the lean client, POST with its body by hyper's.
         for method in [http::Method::GET, http::Method::HEAD, http::Method::POST] {
             let head = method == http::Method::HEAD;
@@ -1007,8 +1007,7 @@ async fn random_request_bodies_reach_the_app_whole() {
             methods.push("POST");
             expected.push(body);
         }
-        let mut cuts: Vec<usize> = (0..rng.below(5)).map(|_| rng.below(raw.len())).collect();
-        cuts.sort_unstable();
+        let cuts = random_cuts(&mut rng, raw.len(), 4);
         let (got, _) = until_end(p.proxy_addr, &raw, &cuts, &methods).await;
         assert_eq!(got.len(), count, "case {case}: {} of {count} answered", got.len());
         for (i, (r, want)) in got.iter().zip(&expected).enumerate() {

@@ -281,6 +281,12 @@ pub async fn wait_phase(p: &Running, phase: Phase) {
         .unwrap();
 }
 
+/// Starts a drain (as `/drain` does) and waits until the proxy is draining.
+pub async fn start_drain(p: &Running) {
+    p.events.send(drainproxy::lifecycle::Event::Drain(drainproxy::lifecycle::Trigger::Http)).await.unwrap();
+    wait_phase(p, Phase::Draining).await;
+}
+
 pub async fn ready_proxy(app: SocketAddr, tweak: impl FnOnce(&mut Config)) -> Running {
     let p = proxy(app, tweak).await;
     wait_phase(&p, Phase::Ready).await;
@@ -339,10 +345,14 @@ pub async fn get(addr: SocketAddr, path: &str) -> Reply {
     h1(addr).await.get(path).await
 }
 
+/// An HTTP/2 client, without Nagle's algorithm as HTTP/2 clients run: a request's frames go at
+/// once, not after the peer's delayed ACK.
 pub async fn h2(
     addr: SocketAddr,
 ) -> (hyper::client::conn::http2::SendRequest<Body>, tokio::task::JoinHandle<hyper::Result<()>>) {
-    h2_on(TcpStream::connect(addr).await.unwrap()).await
+    let stream = TcpStream::connect(addr).await.unwrap();
+    stream.set_nodelay(true).unwrap();
+    h2_on(stream).await
 }
 
 /// An HTTP/2 client on a connection already made (TCP, TLS).
