@@ -286,9 +286,11 @@ fn into_client_response(
     request_body: Option<Arc<SharedBody>>,
 ) -> Response<ResponseBody> {
     let (mut parts, body) = res.into_parts();
-    // The lean path's rule, for answers through hyper's client too, which leaves the length in
-    // the map beside the chunks it decodes.
-    if lean::length_dropped(parts.status, parts.headers.contains_key(header::TRANSFER_ENCODING)) {
+    // The lean path's rule (`Head::into_response` applied it already), for answers through
+    // hyper's client too, which leaves the length in the map beside the chunks it decodes.
+    if matches!(body, AppBody::Hyper(_))
+        && lean::length_dropped(parts.status, parts.headers.contains_key(header::TRANSFER_ENCODING))
+    {
         parts.headers.remove(header::CONTENT_LENGTH);
     }
     strip_hop_by_hop(&mut parts.headers);
