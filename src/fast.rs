@@ -364,14 +364,15 @@ pub async fn serve(io: &mut Prefixed, svc: &ProxyService, conn: &Arc<ConnState>,
             return End::Handoff;
         }
         buf.advance(req.len);
-        let mut guard = RequestGuard::start(p.acct.clone(), conn.clone(), phase, Instant::now());
+        let started = Instant::now();
+        let mut guard = RequestGuard::start(p.acct.clone(), conn.clone(), phase, started);
         if phase.is_draining() {
             p.acct.metrics.drain_requests.inc();
         }
         if let Some((method, path)) = req.access.take() {
             guard.set_access(AccessInfo { method, path, peer: svc.peer });
         }
-        let answer = match p.upstream.exchange_lean(&to_app).await {
+        let answer = match p.upstream.exchange_lean(&to_app, started).await {
             Ok((app, head)) => match head.into_raw(req.head) {
                 Ok(raw) => Ok((app, raw)),
                 Err(e) => Err(ProxyError::Upstream(e.into())),

@@ -181,8 +181,9 @@ pub struct Head {
 }
 
 impl Head {
-    /// The response with a header map (for hyper's server), its framing, and whether the
-    /// connection may carry another exchange after it.
+    /// The response with a header map for hyper's server (without the hop-by-hop fields, and
+    /// without a length it must not pass on), its framing, and whether the connection may
+    /// carry another exchange after it.
     pub fn into_response(self, method: &Method) -> io::Result<(Response<()>, Framing, bool)> {
         let (mut res, fields) = with_headers(self.res, &self.bytes)?;
         let (framing, keep_alive, drop_length) = framing(method == Method::HEAD, &res, &fields)?;
@@ -318,16 +319,32 @@ impl Fields {
 }
 
 /// The response with its header fields, values shared with `head` (no copy), and what they say
-/// about its framing.
+/// about its framing. The hop-by-hop fields (RFC 9110 §7.6.1) are left out of the map: no
+/// client is sent them, and leaving them out costs a comparison where removing them costs a
+/// scan of the map and a lookup each.
 fn with_headers(res: Response<Spans>, head: &Bytes) -> io::Result<(Response<()>, Fields)> {
     let (mut parts, spans) = res.into_parts();
     let mut map = HeaderMap::with_capacity(spans.len());
     let mut fields = Fields::default();
-    for (name, value) in spans {
-        let name = HeaderName::from_bytes(&head[name]).map_err(|_| invalid("bad header name"))?;
-        let value = HeaderValue::from_maybe_shared(head.slice(value)).map_err(|_| invalid("bad header value"))?;
+    for (name, value) in &spans {
+        let name = HeaderName::from_bytes(&head[name.clone()]).map_err(|_| invalid("bad header name"))?;
+        let value =
+            HeaderValue::from_maybe_shared(head.slice(value.clone())).map_err(|_| invalid("bad header value"))?;
         fields.note(name.as_str().as_bytes(), value.as_bytes());
-        map.append(name, value);
+        if !crate::proxy::is_hop_by_hop(&name) {
+            map.append(name, value);
+        }
+    }
+    if fields.connection_names {
+        // `Connection` names other fields, which are hop-by-hop too (rare): the whole map,
+        // stripped as hyper's client's answers are.
+        map.clear();
+        for (name, value) in spans {
+            map.append(HeaderName::from_bytes(&head[name]).map_err(|_| invalid("bad header name"))?, {
+                HeaderValue::from_maybe_shared(head.slice(value)).map_err(|_| invalid("bad header value"))?
+            });
+        }
+        crate::proxy::strip_hop_by_hop(&mut map);
     }
     parts.headers = map;
     Ok((Response::from_parts(parts, ()), fields))
@@ -623,6 +640,25 @@ mod tests {
         let length_sent = raw.to_ascii_lowercase().contains("content-length") && !raw_head.drop_length;
         assert_eq!(length_sent, res.headers().contains_key("content-length"), "{raw}");
         Ok((res, f, k, len))
+    }
+
+    #[test]
+    fn hop_by_hop_fields_stay_out_of_the_map_and_still_frame() {
+        let names = |raw: &str| {
+            let (res, f, k, _) = head(raw, Method::GET).unwrap();
+            let mut names: Vec<_> = res.headers().keys().map(|n| n.as_str().to_owned()).collect();
+            names.sort();
+            (names, f, k)
+        };
+        assert_eq!(
+            names("HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nTransfer-Encoding: chunked\r\nX-A: 1\r\nProxy-Connection: x\r\nTE: trailers\r\nUpgrade: y\r\n\r\n"),
+            (vec!["x-a".to_owned()], Framing::Chunked(Chunk::Size), true)
+        );
+        // A field named in `Connection` goes too, before or after it, and `close` is heeded.
+        assert_eq!(
+            names("HTTP/1.1 200 OK\r\nX-Secret: 1\r\nConnection: close, X-Secret, x-later\r\nX-A: 1\r\nContent-Length: 2\r\nx-later: 2\r\n\r\n"),
+            (vec!["content-length".to_owned(), "x-a".to_owned()], Framing::Length(2), false)
+        );
     }
 
     #[test]

@@ -21,7 +21,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
-use hyper::{Request, Response};
+use hyper::{Method, Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prometheus::IntCounter;
 use tokio::net::TcpStream;
@@ -154,19 +154,39 @@ impl Upstream {
     /// A request without a body, in a lean exchange (see `lean`) on a pooled connection or a
     /// new one. Retried once on a new connection only when not a byte of it was written.
     async fn send_lean(self: &Arc<Self>, req: Request<RequestBody>) -> Result<Response<LeanBody>, ProxyError> {
-        let (conn, head) = self.exchange_lean(&lean::encode_head(&req)).await?;
-        let (res, framing, keep_alive) =
-            head.into_response(req.method()).map_err(|e| ProxyError::Upstream(e.into()))?;
+        self.lean_response(&lean::encode_head(&req), req.method(), Instant::now()).await
+    }
+
+    /// `head`, a request head without a body for `method`, in a lean exchange started at
+    /// `now` (see [`Self::exchange_lean`]), for a client served by hyper.
+    pub async fn send_head(
+        self: &Arc<Self>,
+        head: &[u8],
+        method: &Method,
+        now: Instant,
+    ) -> Result<(Response<AppBody>, Option<Pooled>), ProxyError> {
+        self.lean_response(head, method, now).await.map(|r| (r.map(AppBody::Lean), None))
+    }
+
+    async fn lean_response(
+        self: &Arc<Self>,
+        head: &[u8],
+        method: &Method,
+        now: Instant,
+    ) -> Result<Response<LeanBody>, ProxyError> {
+        let (conn, head) = self.exchange_lean(head, now).await?;
+        let (res, framing, keep_alive) = head.into_response(method).map_err(|e| ProxyError::Upstream(e.into()))?;
         Ok(res.map(|()| LeanBody::new(conn, framing, keep_alive, self.clone())))
     }
 
     /// Sends `head`, a request head without a body, in a lean exchange, and returns the
     /// connection with the response's head read from it. Retried once on a new connection only
-    /// when not a byte of it was written.
-    pub async fn exchange_lean(&self, head: &[u8]) -> Result<(Conn, lean::Head), ProxyError> {
+    /// when not a byte of it was written. `now`: the request's start, which the pool's idle
+    /// check takes as the time (one clock read less per request).
+    pub async fn exchange_lean(&self, head: &[u8], now: Instant) -> Result<(Conn, lean::Head), ProxyError> {
         let mut retried = false;
         loop {
-            let pooled = if retried { None } else { self.checkout_lean() };
+            let pooled = if retried { None } else { self.checkout_lean(now) };
             let reused = pooled.is_some();
             let mut conn = match pooled {
                 Some(c) => c,
@@ -305,10 +325,9 @@ impl Upstream {
         None
     }
 
-    /// The most recently used fit lean connection, dropping unfit and expired ones.
-    fn checkout_lean(&self) -> Option<Conn> {
+    /// The most recently used fit lean connection, dropping unfit and ones expired at `now`.
+    fn checkout_lean(&self, now: Instant) -> Option<Conn> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
         while let Some(mut c) = idle.lean.pop() {
             if now.saturating_duration_since(c.since) < self.idle_timeout && c.conn.is_fit() {
                 return Some(c.conn);
