@@ -318,6 +318,22 @@ impl Fields {
     }
 }
 
+impl Fields {
+    /// [`Fields::note`] for a parsed name, which compares as an enum where `note` compares
+    /// bytes; whether the field is hop-by-hop.
+    fn note_name(&mut self, name: &HeaderName, value: &[u8]) -> bool {
+        if name == header::CONTENT_LENGTH {
+            self.note(b"content-length", value);
+            false
+        } else if name == header::TRANSFER_ENCODING || name == header::CONNECTION {
+            self.note(name.as_str().as_bytes(), value);
+            true
+        } else {
+            crate::proxy::is_hop_by_hop(name)
+        }
+    }
+}
+
 /// The response with its header fields, values shared with `head` (no copy), and what they say
 /// about its framing. The hop-by-hop fields (RFC 9110 §7.6.1) are left out of the map: no
 /// client is sent them, and leaving them out costs a comparison where removing them costs a
@@ -330,8 +346,7 @@ fn with_headers(res: Response<Spans>, head: &Bytes) -> io::Result<(Response<()>,
         let name = HeaderName::from_bytes(&head[name.clone()]).map_err(|_| invalid("bad header name"))?;
         let value =
             HeaderValue::from_maybe_shared(head.slice(value.clone())).map_err(|_| invalid("bad header value"))?;
-        fields.note(name.as_str().as_bytes(), value.as_bytes());
-        if !crate::proxy::is_hop_by_hop(&name) {
+        if !fields.note_name(&name, value.as_bytes()) {
             map.append(name, value);
         }
     }

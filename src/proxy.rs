@@ -541,7 +541,13 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
 /// Whether `name` is always hop-by-hop (RFC 9110 §7.6.1): `Connection`, `Keep-Alive`,
 /// `Proxy-Connection`, `TE`, `Transfer-Encoding`, `Upgrade`.
 pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
-    Seen::bit(name) & Seen::HOP_BY_HOP != 0
+    // Standard names compare as enum values, and a custom one with them at its tag.
+    name == header::CONNECTION
+        || name == header::TRANSFER_ENCODING
+        || name == header::TE
+        || name == header::UPGRADE
+        || name == KEEP_ALIVE
+        || name == PROXY_CONNECTION
 }
 
 /// Appends `value` to a comma-separated header, joining repeated lines into one. `present`:
@@ -670,6 +676,16 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn the_hop_by_hop_test_and_the_scan_agree() {
+        let names = ["connection", "keep-alive", "proxy-connection", "te", "transfer-encoding", "upgrade"];
+        for name in names.iter().chain(&["host", "cookie", "x-forwarded-for", "keep-alive-x", "trailer", "x-a"]) {
+            let n = HeaderName::from_static(name);
+            assert_eq!(is_hop_by_hop(&n), names.contains(name), "{name}");
+            assert_eq!(is_hop_by_hop(&n), Seen::bit(&n) & Seen::HOP_BY_HOP != 0, "{name}");
+        }
     }
 
     #[test]
