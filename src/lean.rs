@@ -355,9 +355,12 @@ fn with_headers(res: Response<Spans>, head: &Bytes) -> io::Result<(Response<()>,
         // stripped as hyper's client's answers are.
         map.clear();
         for (name, value) in spans {
-            map.append(HeaderName::from_bytes(&head[name]).map_err(|_| invalid("bad header name"))?, {
-                HeaderValue::from_maybe_shared(head.slice(value)).map_err(|_| invalid("bad header value"))?
-            });
+            // Each name and value was checked in the loop above.
+            if let (Ok(name), Ok(value)) =
+                (HeaderName::from_bytes(&head[name]), HeaderValue::from_maybe_shared(head.slice(value)))
+            {
+                map.append(name, value);
+            }
         }
         crate::proxy::strip_hop_by_hop(&mut map);
     }

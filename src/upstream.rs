@@ -168,6 +168,7 @@ impl Upstream {
         self.lean_response(head, method, now).await.map(|r| (r.map(AppBody::Lean), None))
     }
 
+    /// A lean exchange of `head`, and its answer as a response for hyper's server.
     async fn lean_response(
         self: &Arc<Self>,
         head: &[u8],

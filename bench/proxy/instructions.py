@@ -3,7 +3,8 @@
 
 Throughput and CPU time on a shared two-core machine move by several percent from run to
 run, more than most single changes to the hot path are worth. The count of instructions a
-build executes per request moves by about 1%. This runs each build under callgrind behind
+build executes per request moves by about 1% on HTTP/1.1 and 2% on HTTP/2 (how h2 batches
+frames varies): run builds in turn, more than once, and compare medians. This runs each build under callgrind behind
 the bench's app (nginx, as `bench.py` starts it), sends a first and then a second number of
 requests with oha (32 connections; HTTP/2 with 10 streams each), and reports the difference
 per request, which leaves out start-up and shutdown. Run it on the builds before and after
