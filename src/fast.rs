@@ -42,7 +42,7 @@ use tracing::debug;
 
 use crate::body::{AccessInfo, ConnState, RequestGuard};
 use crate::error::ProxyError;
-use crate::lean::{Framing, LeanBody, RawHead};
+use crate::lean::{tokens, Framing, LeanBody, RawHead};
 use crate::lifecycle::{Phase, State};
 use crate::metrics::CloseHow;
 use crate::proxy::ProxyService;
@@ -130,11 +130,6 @@ fn field(name: &str) -> Field {
     }
 }
 
-/// The comma-separated tokens of a field value.
-fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
-    value.split(|&b| b == b',').map(<[u8]>::trim_ascii)
-}
-
 /// An origin-form target of bytes `http::Uri` takes as they are: a path, a query, no
 /// fragment. Anything else (`#`, quotes, brackets, non-ASCII) goes to hyper, which parses
 /// the target as a URI and answers 400 or rewrites it.
@@ -206,16 +201,9 @@ fn parse(buf: &[u8], max_head: usize, svc: &ProxyService, access_log: bool, out:
         out.extend_from_slice(f.value);
         out.extend_from_slice(b"\r\n");
     }
-    // One X-Forwarded-For line: the client's, joined, then this hop's peer.
-    out.extend_from_slice(b"x-forwarded-for: ");
-    if xff > 0 {
-        for f in req.headers.iter().filter(|f| field(f.name) == Field::XForwardedFor) {
-            out.extend_from_slice(f.value);
-            out.extend_from_slice(b", ");
-        }
-    }
-    out.extend_from_slice(peer_ip);
-    out.extend_from_slice(b"\r\n");
+    // `take`: none are looked for when none came.
+    let client_xff = req.headers.iter().filter(|f| field(f.name) == Field::XForwardedFor).map(|f| f.value);
+    write_forwarded_for(out, client_xff.take(xff), peer_ip);
     if !xfp {
         out.extend_from_slice(if svc.tls { b"x-forwarded-proto: https\r\n" } else { b"x-forwarded-proto: http\r\n" });
     }
@@ -453,7 +441,18 @@ fn write_status(out: &mut Vec<u8>, http10: bool, status: StatusCode, reason: Opt
     out.extend_from_slice(b"\r\n");
 }
 
-fn write_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+/// One X-Forwarded-For line: the client's values, joined, then this hop's peer.
+pub(crate) fn write_forwarded_for<'a>(out: &mut Vec<u8>, client: impl Iterator<Item = &'a [u8]>, peer: &[u8]) {
+    out.extend_from_slice(b"x-forwarded-for: ");
+    for v in client {
+        out.extend_from_slice(v);
+        out.extend_from_slice(b", ");
+    }
+    out.extend_from_slice(peer);
+    out.extend_from_slice(b"\r\n");
+}
+
+pub(crate) fn write_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);

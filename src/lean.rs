@@ -298,40 +298,55 @@ struct Fields {
 impl Fields {
     /// `name`: as it came, in any case.
     fn note(&mut self, name: &[u8], value: &[u8]) {
-        let tokens = || value.split(|&b| b == b',').map(<[u8]>::trim_ascii);
         if name.eq_ignore_ascii_case(b"content-length") {
-            for n in tokens().map(parse_decimal) {
-                self.bad_length |= n.is_none() || (self.length.is_some() && self.length != n);
-                self.length = n;
-            }
+            self.content_length(value);
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            self.chunked = Some(tokens().next_back().is_some_and(|t| t.eq_ignore_ascii_case(b"chunked")));
+            self.transfer_encoding(value);
         } else if name.eq_ignore_ascii_case(b"connection") {
-            for t in tokens() {
-                if t.eq_ignore_ascii_case(b"close") {
-                    self.close = true;
-                } else if !t.eq_ignore_ascii_case(b"keep-alive") && !t.is_empty() {
-                    self.connection_names = true;
-                }
+            self.connection(value);
+        }
+    }
+
+    /// [`Fields::note`] for a parsed name, which compares as an enum where `note` compares
+    /// bytes; whether the field is hop-by-hop.
+    fn note_name(&mut self, name: &HeaderName, value: &[u8]) -> bool {
+        if name == header::CONTENT_LENGTH {
+            self.content_length(value);
+        } else if name == header::TRANSFER_ENCODING {
+            self.transfer_encoding(value);
+        } else if name == header::CONNECTION {
+            self.connection(value);
+        } else {
+            return crate::proxy::is_hop_by_hop(name);
+        }
+        name != header::CONTENT_LENGTH
+    }
+
+    fn content_length(&mut self, value: &[u8]) {
+        for n in tokens(value).map(parse_decimal) {
+            self.bad_length |= n.is_none() || (self.length.is_some() && self.length != n);
+            self.length = n;
+        }
+    }
+
+    fn transfer_encoding(&mut self, value: &[u8]) {
+        self.chunked = Some(tokens(value).next_back().is_some_and(|t| t.eq_ignore_ascii_case(b"chunked")));
+    }
+
+    fn connection(&mut self, value: &[u8]) {
+        for t in tokens(value) {
+            if t.eq_ignore_ascii_case(b"close") {
+                self.close = true;
+            } else if !t.eq_ignore_ascii_case(b"keep-alive") && !t.is_empty() {
+                self.connection_names = true;
             }
         }
     }
 }
 
-impl Fields {
-    /// [`Fields::note`] for a parsed name, which compares as an enum where `note` compares
-    /// bytes; whether the field is hop-by-hop.
-    fn note_name(&mut self, name: &HeaderName, value: &[u8]) -> bool {
-        if name == header::CONTENT_LENGTH {
-            self.note(b"content-length", value);
-            false
-        } else if name == header::TRANSFER_ENCODING || name == header::CONNECTION {
-            self.note(name.as_str().as_bytes(), value);
-            true
-        } else {
-            crate::proxy::is_hop_by_hop(name)
-        }
-    }
+/// The comma-separated tokens of a field value, trimmed.
+pub(crate) fn tokens(value: &[u8]) -> impl DoubleEndedIterator<Item = &[u8]> {
+    value.split(|&b| b == b',').map(<[u8]>::trim_ascii)
 }
 
 /// The response with its header fields, values shared with `head` (no copy), and what they say

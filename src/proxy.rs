@@ -23,6 +23,7 @@ use tracing::{debug, info, warn};
 use crate::body::{AccessInfo, Accounting, ConnState, RequestBody, RequestGuard, ResponseBody, SharedBody};
 use crate::config::UpstreamProtocol;
 use crate::error::ProxyError;
+use crate::fast::{write_field, write_forwarded_for};
 use crate::lean;
 use crate::lifecycle::{Phase, State};
 use crate::metrics::CloseHow;
@@ -178,20 +179,13 @@ impl ProxyService {
         let authority = req.uri().authority().map(|a| a.as_str().as_bytes());
         let client_host = authority.or_else(|| seen.host.as_ref().map(HeaderValue::as_bytes));
         let set_host = authority.is_some() || !seen.has(Seen::HOST);
-        let join_cookies = seen.cookie_repeated;
         let mut out = Vec::with_capacity(160 + h.len() * 32);
         out.extend_from_slice(req.method().as_str().as_bytes());
         out.push(b' ');
         out.extend_from_slice(req.uri().path_and_query().map_or("/", |pq| pq.as_str()).as_bytes());
         out.extend_from_slice(b" HTTP/1.1\r\n");
-        let mut field = |name: &[u8], value: &[u8]| {
-            out.extend_from_slice(name);
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(value);
-            out.extend_from_slice(b"\r\n");
-        };
         if set_host {
-            field(b"host", client_host.unwrap_or(self.proxy.fallback_host.as_bytes()));
+            write_field(&mut out, b"host", client_host.unwrap_or(self.proxy.fallback_host.as_bytes()));
         }
         let mut cookies_written = false;
         for (name, value) in h {
@@ -199,27 +193,27 @@ impl ProxyService {
             if bit & (Seen::HOP_BY_HOP | Seen::X_FORWARDED_FOR) != 0 || (bit == Seen::HOST && set_host) {
                 continue;
             }
-            if bit == Seen::COOKIE && join_cookies {
+            if bit == Seen::COOKIE && seen.cookie_repeated {
                 // RFC 9113 §8.2.3: one `Cookie` for HTTP/1.1, as `prepare` joins it.
                 if !cookies_written {
                     cookies_written = true;
-                    field(b"cookie", &joined(h.get_all(header::COOKIE), b"; "));
+                    write_field(&mut out, b"cookie", &joined(h.get_all(header::COOKIE), b"; "));
                 }
                 continue;
             }
-            field(name.as_str().as_bytes(), value.as_bytes());
+            write_field(&mut out, name.as_str().as_bytes(), value.as_bytes());
         }
-        let mut xff = joined(h.get_all(&X_FORWARDED_FOR), b", ");
-        if !xff.is_empty() {
-            xff.extend_from_slice(b", ");
-        }
-        xff.extend_from_slice(self.peer_ip.as_bytes());
-        field(b"x-forwarded-for", &xff);
+        let client_xff = seen.has(Seen::X_FORWARDED_FOR).then(|| h.get_all(&X_FORWARDED_FOR));
+        write_forwarded_for(
+            &mut out,
+            client_xff.into_iter().flatten().map(HeaderValue::as_bytes),
+            self.peer_ip.as_bytes(),
+        );
         if !seen.has(Seen::X_FORWARDED_PROTO) {
-            field(b"x-forwarded-proto", if self.tls { b"https" } else { b"http" });
+            write_field(&mut out, b"x-forwarded-proto", if self.tls { b"https" } else { b"http" });
         }
         if let (Some(host), false) = (client_host, seen.has(Seen::X_FORWARDED_HOST)) {
-            field(b"x-forwarded-host", host);
+            write_field(&mut out, b"x-forwarded-host", host);
         }
         out.extend_from_slice(b"\r\n");
         Some(out)
@@ -577,19 +571,23 @@ fn joined(values: http::header::GetAll<'_, HeaderValue>, sep: &[u8]) -> Vec<u8> 
     line
 }
 
+/// A proxy with the default configuration for an app at `app`, for unit tests.
+#[cfg(test)]
+pub(crate) fn test_proxy(app: SocketAddr) -> Arc<Proxy> {
+    let cfg = crate::config::Config::default();
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let acct = Arc::new(Accounting { metrics: metrics.clone(), activity: Arc::new(crate::activity::Activity::new()) });
+    let (_tx, state) = crate::lifecycle::channel();
+    let upstream = Arc::new(Upstream::new(&cfg.upstream, app, metrics.connect_resends.clone()));
+    Arc::new(Proxy::new(acct, state, upstream, std::time::Duration::from_secs(1), false))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn service(h2: bool, tls: bool) -> ProxyService {
-        let cfg = crate::config::Config::default();
-        let metrics = Arc::new(crate::metrics::Metrics::new());
-        let acct =
-            Arc::new(Accounting { metrics: metrics.clone(), activity: Arc::new(crate::activity::Activity::new()) });
-        let (_tx, state) = crate::lifecycle::channel();
-        let app: SocketAddr = "127.0.0.1:9".parse().unwrap();
-        let upstream = Arc::new(crate::upstream::Upstream::new(&cfg.upstream, app, metrics.connect_resends.clone()));
-        let proxy = Arc::new(Proxy::new(acct, state, upstream, std::time::Duration::from_secs(1), false));
+        let proxy = test_proxy("127.0.0.1:9".parse().unwrap());
         ProxyService::new(proxy, Arc::new(ConnState::new()), "10.1.2.3:5555".parse().unwrap(), h2, tls)
     }
 

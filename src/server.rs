@@ -752,15 +752,7 @@ mod tests {
         let addr = l.local_addr().unwrap();
         let stream = TcpStream::connect(addr).await.unwrap();
         let cfg = crate::config::Config::default();
-        let metrics = Arc::new(crate::metrics::Metrics::new());
-        let acct = Arc::new(crate::body::Accounting {
-            metrics: metrics.clone(),
-            activity: Arc::new(crate::activity::Activity::new()),
-        });
-        let (_tx, state) = crate::lifecycle::channel();
-        let upstream = Arc::new(crate::upstream::Upstream::new(&cfg.upstream, addr, metrics.connect_resends.clone()));
-        let proxy = Arc::new(Proxy::new(acct, state, upstream, Duration::from_secs(1), false));
-        let ctx = Arc::new(ConnCtx::new(proxy, &cfg.limits, Arc::default()));
+        let ctx = Arc::new(ConnCtx::new(crate::proxy::test_proxy(addr), &cfg.limits, Arc::default()));
         let task = std::mem::size_of_val(&serve_proxy_conn(ctx, stream, addr, None));
         let h2 =
             std::mem::size_of::<http2::Connection<TokioIo<Corked<GraceRead<Prefixed>>>, ProxyService, TokioExecutor>>();

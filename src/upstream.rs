@@ -140,7 +140,7 @@ impl Upstream {
     ) -> Result<(Response<AppBody>, Option<Pooled>), ProxyError> {
         match self.protocol {
             UpstreamProtocol::Http1 if req.body().is_end_stream() => {
-                self.send_lean(req).await.map(|r| (r.map(AppBody::Lean), None))
+                self.send_head(&lean::encode_head(&req), req.method(), Instant::now()).await
             }
             UpstreamProtocol::Http1 => {
                 // Boxed: requests with a body are the rarer kind, and hyper's future is large.
@@ -151,33 +151,18 @@ impl Upstream {
         }
     }
 
-    /// A request without a body, in a lean exchange (see `lean`) on a pooled connection or a
-    /// new one. Retried once on a new connection only when not a byte of it was written.
-    async fn send_lean(self: &Arc<Self>, req: Request<RequestBody>) -> Result<Response<LeanBody>, ProxyError> {
-        self.lean_response(&lean::encode_head(&req), req.method(), Instant::now()).await
-    }
-
-    /// `head`, a request head without a body for `method`, in a lean exchange started at
-    /// `now` (see [`Self::exchange_lean`]), for a client served by hyper.
+    /// `head`, a request head without a body for `method`, in a lean exchange (see `lean`)
+    /// started at `now` on a pooled connection or a new one (see [`Self::exchange_lean`]), and
+    /// its answer as a response for hyper's server.
     pub async fn send_head(
         self: &Arc<Self>,
         head: &[u8],
         method: &Method,
         now: Instant,
     ) -> Result<(Response<AppBody>, Option<Pooled>), ProxyError> {
-        self.lean_response(head, method, now).await.map(|r| (r.map(AppBody::Lean), None))
-    }
-
-    /// A lean exchange of `head`, and its answer as a response for hyper's server.
-    async fn lean_response(
-        self: &Arc<Self>,
-        head: &[u8],
-        method: &Method,
-        now: Instant,
-    ) -> Result<Response<LeanBody>, ProxyError> {
         let (conn, head) = self.exchange_lean(head, now).await?;
         let (res, framing, keep_alive) = head.into_response(method).map_err(|e| ProxyError::Upstream(e.into()))?;
-        Ok(res.map(|()| LeanBody::new(conn, framing, keep_alive, self.clone())))
+        Ok((res.map(|()| AppBody::Lean(LeanBody::new(conn, framing, keep_alive, self.clone()))), None))
     }
 
     /// Sends `head`, a request head without a body, in a lean exchange, and returns the
