@@ -180,6 +180,12 @@ def open_loop(oha, port, rate, seconds):
     return {k: pct[k] * 1000 for k in ("p50", "p99", "p99.9")}, bad
 
 
+def drainproxy_config(port, admin):
+    """drainproxy as the bench runs it: a sidecar of the app on one worker thread."""
+    return (f"listen: 127.0.0.1:{port}\nadmin: 127.0.0.1:{admin}\nupstream:\n  address: 127.0.0.1:{APP}\n"
+            "runtime:\n  threads: 1\nlog:\n  level: warn\n")
+
+
 class Stack:
     """The app and the three proxies, each started pinned to CPU 1."""
 
@@ -222,13 +228,9 @@ class Stack:
             f"  bind 127.0.0.1:{PORTS['haproxy'][2]} ssl crt {tmp / 'tls.pem'} alpn h2,http/1.1\n"
             "  default_backend app\n"
             f"backend app\n  http-reuse always\n  server app 127.0.0.1:{APP}\n")
-        (tmp / "drainproxy.yaml").write_text(
-            f"listen: 127.0.0.1:{PORTS['drainproxy'][0]}\nadmin: 127.0.0.1:{ADMIN}\n"
-            f"upstream:\n  address: 127.0.0.1:{APP}\nruntime:\n  threads: 1\nlog:\n  level: warn\n")
-        (tmp / "drainproxy-tls.yaml").write_text(
-            f"listen: 127.0.0.1:{PORTS['drainproxy'][2]}\nadmin: 127.0.0.1:{DP_TLS_ADMIN}\n"
-            f"upstream:\n  address: 127.0.0.1:{APP}\nruntime:\n  threads: 1\nlog:\n  level: warn\n"
-            f"tls:\n  cert: {tmp}/tls.crt\n  key: {tmp}/tls.key\n")
+        (tmp / "drainproxy.yaml").write_text(drainproxy_config(PORTS["drainproxy"][0], ADMIN))
+        (tmp / "drainproxy-tls.yaml").write_text(drainproxy_config(PORTS["drainproxy"][2], DP_TLS_ADMIN) +
+                                                 f"tls:\n  cert: {tmp}/tls.crt\n  key: {tmp}/tls.key\n")
         (tmp / "relay.cfg").write_text(
             "global\n  nbthread 1\n  maxconn 9000\n"
             "defaults\n  mode tcp\n  timeout connect 2s\n  timeout client 60s\n  timeout server 60s\n"
@@ -358,8 +360,7 @@ def run_allocators(paths, tmp, args):
             port = ALLOC_PORT + 10 * k
             refuse_taken(port, port + 1)
             cfg = tmp / f"alloc-{name}.yaml"
-            cfg.write_text(f"listen: 127.0.0.1:{port}\nadmin: 127.0.0.1:{port + 1}\nupstream:\n  address: 127.0.0.1:{APP}\n"
-                           "runtime:\n  threads: 1\nlog:\n  level: warn\n")
+            cfg.write_text(drainproxy_config(port, port + 1))
             procs[name] = (subprocess.Popen(["taskset", "-c", "1", str(path), "--config", str(cfg)],
                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), port)
             wait_port(port)

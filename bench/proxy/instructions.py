@@ -72,8 +72,7 @@ def main():
     bench.refuse_taken(PORT, ADMIN)
     stack = bench.Stack(tmp, builds[0])
     config = tmp / "callgrind.yaml"
-    config.write_text(f"listen: 127.0.0.1:{PORT}\nadmin: 127.0.0.1:{ADMIN}\nupstream:\n  address: 127.0.0.1:{bench.APP}\n"
-                      "runtime:\n  threads: 1\nlog:\n  level: warn\n")
+    config.write_text(bench.drainproxy_config(PORT, ADMIN))
     try:
         print(f"| build | {' | '.join(WORKLOADS)} |\n|---|{'---|' * len(WORKLOADS)}")
         for b in builds:
