@@ -41,8 +41,7 @@ use tokio::sync::watch;
 use tracing::debug;
 
 use crate::body::{AccessInfo, ConnState, RequestGuard};
-use crate::error::ProxyError;
-use crate::lean::{tokens, Framing, LeanBody, RawHead};
+use crate::lean::{self, tokens, Fields, Framing, LeanBody, ParsedHead};
 use crate::lifecycle::{Phase, State};
 use crate::metrics::CloseHow;
 use crate::proxy::ProxyService;
@@ -360,35 +359,31 @@ pub async fn serve(io: &mut Prefixed, svc: &ProxyService, conn: &Arc<ConnState>,
         if let Some((method, path)) = req.access.take() {
             guard.set_access(AccessInfo { method, path, peer: svc.peer });
         }
-        let answer = match p.upstream.exchange_lean(&to_app, started).await {
-            Ok((app, head)) => match head.into_raw(req.head) {
-                Ok(raw) => Ok((app, raw)),
-                Err(e) => Err(ProxyError::Upstream(e.into())),
-            },
-            Err(e) => Err(e),
-        };
-        // Read again now: a request that started before the drain may end after it.
-        let draining = p.state.borrow().phase.is_draining();
         out.clear();
+        let answer = p
+            .upstream
+            .exchange_lean(&to_app, started, false, &mut |h| {
+                // Read again now: a request that started before the drain may end after it.
+                write_head(&mut out, &req, &h, p.state.borrow().phase.is_draining())
+            })
+            .await;
         let keep = match answer {
-            Ok((app, raw)) => {
-                guard.set_status(raw.status.as_u16());
-                let chunked = matches!(raw.framing, Framing::Chunked(_) | Framing::ToEnd);
-                // An HTTP/1.0 client cannot take chunks: the body runs to the connection's end.
-                // From t=0 every HTTP/1.1 response tells its connection to leave (DESIGN §4.2).
-                let keep = req.keep_alive && !draining && !(chunked && req.http10);
-                if draining {
+            Ok((app, (a, _))) => {
+                guard.set_status(a.status.as_u16());
+                if a.draining {
                     p.acct.metrics.connection_closed(CloseHow::ConnectionClose);
                 }
-                let end = Ending { keep, http10: req.http10, say_close: req.keep_alive || draining };
-                let trailers = write_head(&mut out, &req, &raw, end);
-                let body = LeanBody::new(app, raw.framing, raw.keep_alive, p.upstream.clone());
-                if write_body(io, &mut out, body, chunked && !req.http10, trailers).await.is_err() {
+                let chunked = matches!(a.framing, Framing::Chunked(_) | Framing::ToEnd);
+                let body = LeanBody::new(app, a.framing, a.app_keep, p.upstream.clone());
+                if write_body(io, &mut out, body, chunked && !req.http10, a.trailers).await.is_err() {
                     return End::Close;
                 }
-                keep
+                a.keep
             }
             Err(error) => {
+                // A head the app sent that could not be passed on leaves part of it here.
+                out.clear();
+                let draining = p.state.borrow().phase.is_draining();
                 let body = error.body();
                 let res = svc.failed(error);
                 guard.set_status(res.status().as_u16());
@@ -505,57 +500,132 @@ fn named_in(values: &[&[u8]], name: &[u8]) -> bool {
     values.iter().flat_map(|v| tokens(v)).any(|t| t.eq_ignore_ascii_case(name))
 }
 
-/// Writes the client's response head into `out`; returns the trailer fields to pass on in a
-/// chunked body: as hyper does, those the app declared (`Trailer`), to a client that said
-/// `TE: trailers`.
-fn write_head(out: &mut Vec<u8>, req: &Request, raw: &RawHead, end: Ending) -> Vec<Bytes> {
-    let b = &raw.bytes;
-    write_status(out, req.http10, raw.status, raw.reason.as_deref());
-    let named: Vec<&[u8]> = if raw.connection_names {
-        raw.spans
-            .iter()
-            .filter(|(n, _)| b[n.clone()].eq_ignore_ascii_case(b"connection"))
-            .map(|(_, v)| &b[v.clone()])
-            .collect()
-    } else {
-        Vec::new()
-    };
-    let mut trailers = Vec::new();
-    let mut has_date = false;
-    // `Trailer` announces fields after a chunked body: not to a client that cannot get one.
-    let no_chunks = req.http10 || req.head || matches!(raw.status.as_u16(), 204 | 304);
-    for (n, v) in &raw.spans {
-        let name = &b[n.clone()];
-        let hop_by_hop = match name.len() {
-            2 => name.eq_ignore_ascii_case(b"te"),
-            7 => name.eq_ignore_ascii_case(b"upgrade"),
-            10 => name.eq_ignore_ascii_case(b"connection") || name.eq_ignore_ascii_case(b"keep-alive"),
-            14 => raw.drop_length && name.eq_ignore_ascii_case(b"content-length"),
-            16 => name.eq_ignore_ascii_case(b"proxy-connection"),
-            17 => name.eq_ignore_ascii_case(b"transfer-encoding"),
-            _ => false,
+/// What followed the app's response head, once the client's head is written.
+struct Answer {
+    status: StatusCode,
+    framing: Framing,
+    /// The app connection may carry another exchange after this response.
+    app_keep: bool,
+    /// The client connection stays open after it.
+    keep: bool,
+    /// The drain was on when the head was written: the connection closes after it.
+    draining: bool,
+    /// The trailer fields to pass on in a chunked body: as hyper does, those the app declared
+    /// (`Trailer`), to a client that said `TE: trailers`.
+    trailers: Vec<Bytes>,
+}
+
+/// Writes the client's response head for the app's head `h` into `out`: its fields in one
+/// pass, noting those that frame the body, and a second pass only when that noting finds a
+/// length not to pass on or a `Connection` that names fields.
+fn write_head(out: &mut Vec<u8>, req: &Request, h: &ParsedHead<'_>, draining: bool) -> std::io::Result<Answer> {
+    write_status(out, req.http10, h.status, h.reason);
+    let fields_at = out.len();
+    let mut fields = Fields::default();
+    let (mut has_date, mut trailers) = write_fields(out, req, h, &mut fields, false, &[]);
+    let (framing, app_keep, drop_length) = lean::framing(req.head, h.version, h.status, &fields)?;
+    if drop_length || fields.connection_names {
+        out.truncate(fields_at);
+        let named: Vec<&[u8]> = if fields.connection_names {
+            h.fields.iter().filter(|f| f.name.eq_ignore_ascii_case("connection")).map(|f| f.value).collect()
+        } else {
+            Vec::new()
         };
-        if hop_by_hop || (!named.is_empty() && named_in(&named, name)) {
-            continue;
-        }
-        let trailer_field = name.eq_ignore_ascii_case(b"trailer");
-        if trailer_field && no_chunks {
-            continue;
-        }
-        has_date |= name.eq_ignore_ascii_case(b"date");
-        if trailer_field && req.trailers {
-            let value = b.slice(v.clone());
-            trailers
-                .extend(value.split(|&c| c == b',').map(|t| value.slice_ref(t.trim_ascii())).filter(|t| !t.is_empty()));
-        }
-        out.extend_from_slice(&b[n.start..v.end]);
-        out.extend_from_slice(b"\r\n");
+        (has_date, trailers) = write_fields(out, req, h, &mut Fields::default(), drop_length, &named);
     }
-    if matches!(raw.framing, Framing::Chunked(_) | Framing::ToEnd) && !req.http10 {
+    let chunked = matches!(framing, Framing::Chunked(_) | Framing::ToEnd);
+    if chunked && !req.http10 {
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
     }
-    end_head(out, !has_date, end);
-    trailers
+    // An HTTP/1.0 client cannot take chunks: the body runs to the connection's end.
+    // From t=0 every HTTP/1.1 response tells its connection to leave (DESIGN §4.2).
+    let keep = req.keep_alive && !draining && !(chunked && req.http10);
+    end_head(out, !has_date, Ending { keep, http10: req.http10, say_close: req.keep_alive || draining });
+    Ok(Answer { status: h.status, framing, app_keep, keep, draining, trailers })
+}
+
+/// What a response field is to [`write_fields`].
+enum Kind {
+    Pass,
+    HopByHop,
+    Date,
+    Trailer,
+}
+
+/// Writes the app's fields that a client is passed, each line as it came: not the hop-by-hop
+/// ones, nor those `named` in `Connection`, nor `Content-Length` when `drop_length`, nor
+/// `Trailer` where no chunks can follow. Notes the framing fields in `fields`. Returns whether
+/// a `Date` was written, and the trailer fields to pass on.
+fn write_fields(
+    out: &mut Vec<u8>,
+    req: &Request,
+    h: &ParsedHead<'_>,
+    fields: &mut Fields,
+    drop_length: bool,
+    named: &[&[u8]],
+) -> (bool, Vec<Bytes>) {
+    // `Trailer` announces fields after a chunked body: not to a client that cannot get one.
+    let no_chunks = req.http10 || req.head || matches!(h.status.as_u16(), 204 | 304);
+    let mut has_date = false;
+    let mut trailers = Vec::new();
+    for f in h.fields {
+        let name = f.name.as_bytes();
+        let is = |known: &[u8]| name.eq_ignore_ascii_case(known);
+        let kind = match name.len() {
+            2 if is(b"te") => Kind::HopByHop,
+            4 if is(b"date") => Kind::Date,
+            7 if is(b"upgrade") => Kind::HopByHop,
+            7 if is(b"trailer") => Kind::Trailer,
+            10 if is(b"connection") => {
+                fields.connection(f.value);
+                Kind::HopByHop
+            }
+            10 if is(b"keep-alive") => Kind::HopByHop,
+            14 if is(b"content-length") => {
+                fields.content_length(f.value);
+                if drop_length {
+                    Kind::HopByHop
+                } else {
+                    Kind::Pass
+                }
+            }
+            16 if is(b"proxy-connection") => Kind::HopByHop,
+            17 if is(b"transfer-encoding") => {
+                fields.transfer_encoding(f.value);
+                Kind::HopByHop
+            }
+            _ => Kind::Pass,
+        };
+        match kind {
+            Kind::HopByHop => continue,
+            _ if !named.is_empty() && named_in(named, name) => continue,
+            Kind::Trailer if no_chunks => continue,
+            Kind::Trailer if req.trailers => {
+                trailers.extend(tokens(f.value).filter(|t| !t.is_empty()).map(Bytes::copy_from_slice));
+            }
+            Kind::Date => has_date = true,
+            _ => {}
+        }
+        match line(h.bytes, f) {
+            Some(line) => out.extend_from_slice(line),
+            None => {
+                out.extend_from_slice(name);
+                out.extend_from_slice(b": ");
+                out.extend_from_slice(f.value);
+            }
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+    (has_date, trailers)
+}
+
+/// A field's line in `head`, from its name to the end of its value, spaces in between as the
+/// app wrote them; `None` if its value does not lie in `head` (an empty one may not).
+fn line<'b>(head: &'b [u8], f: &httparse::Header<'b>) -> Option<&'b [u8]> {
+    let base = head.as_ptr() as usize;
+    let start = (f.name.as_ptr() as usize).checked_sub(base)?;
+    let end = (f.value.as_ptr() as usize).checked_sub(base)?.checked_add(f.value.len())?;
+    head.get(start..end)
 }
 
 /// Writes the response: the head in `out`, then the body as the app sends it (chunked when
@@ -623,4 +693,104 @@ async fn write_body(
         io.write_all(out).await?;
     }
     io.flush().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The client's head this path writes for an app's head, parsed back: its field names
+    /// (lower case, sorted, without those the path adds itself), framing, and whether the app
+    /// connection is kept.
+    fn fast_view(raw: &str, req: &Request) -> std::io::Result<(Vec<String>, Framing, bool)> {
+        let mut out = Vec::new();
+        let mut take = |h: ParsedHead<'_>| write_head(&mut out, req, &h, false);
+        let a = match lean::tests::parse_final(raw.as_bytes(), &mut take)? {
+            Some(a) => a,
+            None => panic!("not a complete final head: {raw}"),
+        };
+        let mut fields = [httparse::EMPTY_HEADER; 64];
+        let mut res = httparse::Response::new(&mut fields);
+        assert!(res.parse(&out).unwrap().is_complete(), "{}", String::from_utf8_lossy(&out));
+        Ok((names(res.headers.iter().map(|h| h.name)), a.framing, a.app_keep))
+    }
+
+    fn names<'a>(all: impl Iterator<Item = &'a str>) -> Vec<String> {
+        let mut v: Vec<String> = all
+            .map(str::to_ascii_lowercase)
+            .filter(|n| !matches!(n.as_str(), "date" | "connection" | "transfer-encoding" | "trailer"))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// The fast path's one-pass head and hyper's path (the header map `lean::Head` builds)
+    /// pass on the same fields and agree on framing, for heads made of every framing and
+    /// hop-by-hop field in any case, also repeated, named in `Connection`, or conflicting.
+    #[test]
+    fn the_one_pass_head_passes_what_hyper_s_map_passes() {
+        const POOL: &[&str] = &[
+            "Content-Length: 5",
+            "content-length: 0",
+            "Content-Length: 5, 5",
+            "Content-Length: x",
+            "Transfer-Encoding: chunked",
+            "transfer-encoding: gzip",
+            "Transfer-Encoding: gzip, chunked",
+            "Connection: close",
+            "connection: keep-alive",
+            "Connection: X-Secret",
+            "Connection: close, x-later",
+            "Keep-Alive: timeout=5",
+            "TE: trailers",
+            "Upgrade: h2c",
+            "Proxy-Connection: keep-alive",
+            "Trailer: x-t, y-t",
+            "Date: Mon, 07 Dec 2026 19:00:00 GMT",
+            "X-A: 1",
+            "X-Secret: s",
+            "x-later: 2",
+            "Empty:",
+            "Spaced:   v  ",
+        ];
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        let mut compared = 0;
+        for case in 0..4000 {
+            let status = [200, 204, 304, 404][next(4)];
+            let version = ["HTTP/1.1", "HTTP/1.0"][usize::from(next(5) == 0)];
+            let mut raw = format!("{version} {status} X\r\n");
+            for _ in 0..next(7) {
+                raw.push_str(POOL[next(POOL.len())]);
+                raw.push_str("\r\n");
+            }
+            raw.push_str("\r\n");
+            let method = if next(4) == 0 { Method::HEAD } else { Method::GET };
+            let req = Request {
+                len: 0,
+                http10: next(5) == 0,
+                keep_alive: true,
+                head: method == Method::HEAD,
+                trailers: next(2) == 0,
+                access: None,
+            };
+            let hyper = lean::tests::head(&raw, method);
+            let fast = fast_view(&raw, &req);
+            match (hyper, fast) {
+                (Ok((res, f, k, _)), Ok((fast_names, ff, fk))) => {
+                    assert_eq!((&f, k), (&ff, fk), "case {case}: {raw}");
+                    assert_eq!(names(res.headers().iter().map(|(n, _)| n.as_str())), fast_names, "case {case}: {raw}");
+                    compared += 1;
+                }
+                (Err(_), Err(_)) => {}
+                (h, f) => panic!("case {case}: hyper's path {:?}, the fast path {:?}: {raw}", h.is_ok(), f.is_ok()),
+            }
+        }
+        assert!(compared > 2000, "{compared}");
+    }
 }

@@ -132,37 +132,44 @@ impl Conn {
         Poll::Ready(Ok(n))
     }
 
-    /// Sends a request head (`head`, from [`encode_head`]) and reads the final response's
-    /// head (interim responses skipped): parsed, the header fields as positions in it.
-    pub async fn exchange(&mut self, head: &[u8]) -> Result<Head, ExchangeError> {
+    /// Sends a request head (`head`, from [`encode_head`]), reads the final response's head
+    /// (interim responses skipped) and gives it to `take` parsed where it lies, in the
+    /// connection's buffer; what `take` makes of it is the answer. The buffer then moves past
+    /// the head, to the body. With `keep`, the head's bytes come back too, split off the buffer
+    /// without a copy (a header map can share them); without, the buffer stays the
+    /// connection's own, which is cheaper to read into again.
+    pub async fn exchange<T>(
+        &mut self,
+        head: &[u8],
+        keep: bool,
+        take: &mut impl FnMut(ParsedHead<'_>) -> io::Result<T>,
+    ) -> Result<(T, Bytes), ExchangeError> {
         let written = self.io.write(head).await.map_err(ExchangeError::NotWritten)?;
         if written == 0 {
             return Err(ExchangeError::NotWritten(io::ErrorKind::WriteZero.into()));
         }
         self.io.write_all(&head[written..]).await.map_err(ExchangeError::Failed)?;
-        self.read_head().await.map_err(ExchangeError::Failed)
+        let (answer, len) = self.read_head(take).await.map_err(ExchangeError::Failed)?;
+        if keep {
+            return Ok((answer, self.buf.split_to(len).freeze()));
+        }
+        self.buf.advance(len);
+        Ok((answer, Bytes::new()))
     }
 
-    async fn read_head(&mut self) -> io::Result<Head> {
+    /// The final head's answer and length; the head is left at the buffer's start.
+    async fn read_head<T>(&mut self, take: &mut impl FnMut(ParsedHead<'_>) -> io::Result<T>) -> io::Result<(T, usize)> {
         loop {
             if !self.buf.is_empty() {
-                if let Some((res, len)) = parse_head(&self.buf)? {
-                    if len > MAX_HEAD {
-                        return Err(invalid("head larger than 256 KiB"));
-                    }
-                    let status = res.status();
-                    let bytes = self.buf.split_to(len).freeze();
-                    if status.is_informational() {
-                        if status == StatusCode::SWITCHING_PROTOCOLS {
-                            return Err(invalid("101 Switching Protocols to a request without an upgrade"));
-                        }
-                        // 100 Continue, 103 Early Hints: the final response follows.
+                match parse_head(&self.buf, take)? {
+                    Read::Final(answer, len) => return Ok((answer, len)),
+                    // 100 Continue, 103 Early Hints: the final response follows.
+                    Read::Interim(len) => {
+                        self.buf.advance(len);
                         continue;
                     }
-                    return Ok(Head { res, bytes });
-                }
-                if self.buf.len() >= MAX_HEAD {
-                    return Err(invalid("head larger than 256 KiB"));
+                    Read::Partial if self.buf.len() >= MAX_HEAD => return Err(invalid("head larger than 256 KiB")),
+                    Read::Partial => {}
                 }
             }
             if poll_fn(|cx| self.poll_read_more(cx)).await? == 0 {
@@ -173,116 +180,124 @@ impl Conn {
     }
 }
 
-/// A final response head as read: status, version and reason parsed, the header fields as
-/// positions in `bytes`.
+/// A final response head as the app sent it, parsed in place: what [`Conn::exchange`] gives
+/// its caller.
+pub struct ParsedHead<'b> {
+    pub status: StatusCode,
+    pub version: Version,
+    /// The reason phrase when it is not the status's usual one.
+    pub reason: Option<&'b [u8]>,
+    pub fields: &'b [httparse::Header<'b>],
+    /// The whole head, fields' positions included.
+    pub bytes: &'b [u8],
+}
+
+/// A final response head, owned: status, version and reason parsed, the header fields as
+/// positions in `bytes`, for hyper's server ([`Head::into_response`]).
 pub struct Head {
     res: Response<Spans>,
     bytes: Bytes,
 }
 
 impl Head {
+    /// The response's status line and the positions of its fields, for [`Head::new`].
+    pub fn parts(p: ParsedHead<'_>) -> Response<Spans> {
+        let base = p.bytes.as_ptr() as usize;
+        let span = |s: &[u8]| {
+            let start = s.as_ptr() as usize - base;
+            start..start + s.len()
+        };
+        let spans: Spans = p.fields.iter().map(|h| (span(h.name.as_bytes()), span(h.value))).collect();
+        let mut res = Response::new(spans);
+        *res.status_mut() = p.status;
+        *res.version_mut() = p.version;
+        if let Some(Ok(r)) = p.reason.map(|r| hyper::ext::ReasonPhrase::try_from(r.to_vec())) {
+            res.extensions_mut().insert(r);
+        }
+        res
+    }
+
+    /// The head: its [`Head::parts`] and its bytes, which the header map's values share.
+    pub fn new(res: Response<Spans>, bytes: Bytes) -> Head {
+        Head { res, bytes }
+    }
+
     /// The response with a header map for hyper's server (without the hop-by-hop fields, and
     /// without a length it must not pass on), its framing, and whether the connection may
     /// carry another exchange after it.
     pub fn into_response(self, method: &Method) -> io::Result<(Response<()>, Framing, bool)> {
         let (mut res, fields) = with_headers(self.res, &self.bytes)?;
-        let (framing, keep_alive, drop_length) = framing(method == Method::HEAD, &res, &fields)?;
+        let (framing, keep_alive, drop_length) = framing(method == Method::HEAD, res.version(), res.status(), &fields)?;
         if drop_length {
             res.headers_mut().remove(header::CONTENT_LENGTH);
         }
         Ok((res, framing, keep_alive))
     }
-
-    /// The response as its raw fields, for a server that writes them on as they came
-    /// (`fast.rs`), with the same framing as [`Head::into_response`].
-    pub fn into_raw(self, head_request: bool) -> io::Result<RawHead> {
-        let mut fields = Fields::default();
-        for (name, value) in self.res.body() {
-            fields.note(&self.bytes[name.clone()], &self.bytes[value.clone()]);
-        }
-        let (framing, keep_alive, drop_length) = framing(head_request, &self.res, &fields)?;
-        let (parts, spans) = self.res.into_parts();
-        Ok(RawHead {
-            bytes: self.bytes,
-            status: parts.status,
-            reason: parts.extensions.get::<hyper::ext::ReasonPhrase>().map(|r| Bytes::copy_from_slice(r.as_bytes())),
-            spans,
-            framing,
-            keep_alive,
-            drop_length,
-            connection_names: fields.connection_names,
-        })
-    }
-}
-
-/// A response head as the app sent it: see [`Head::into_raw`].
-pub struct RawHead {
-    pub bytes: Bytes,
-    pub status: StatusCode,
-    /// The reason phrase when it is not the status's usual one.
-    pub reason: Option<Bytes>,
-    pub spans: Spans,
-    pub framing: Framing,
-    /// The app connection may carry another exchange after this response.
-    pub keep_alive: bool,
-    /// `Content-Length` must not be passed on (the body is chunked too).
-    pub drop_length: bool,
-    /// A `Connection` value names other fields, which are hop-by-hop too.
-    pub connection_names: bool,
 }
 
 /// Where each parsed header's name and value lie in the head.
 pub type Spans = Vec<(std::ops::Range<usize>, std::ops::Range<usize>)>;
 
-/// The status line of a complete head at the start of `buf`, with the head's length; the
-/// header fields' positions travel as the response's body until [`with_headers`].
-fn parse_head(buf: &[u8]) -> io::Result<Option<(Response<Spans>, usize)>> {
+/// What [`parse_head`] found at the start of a buffer.
+enum Read<T> {
+    /// Not a whole head yet.
+    Partial,
+    /// An interim (1xx) response of this many bytes, to skip.
+    Interim(usize),
+    /// The final response's head, of this many bytes, as `take` took it.
+    Final(T, usize),
+}
+
+/// The response head at the start of `buf`, given to `take` once it is complete and final.
+fn parse_head<T>(buf: &[u8], take: &mut impl FnMut(ParsedHead<'_>) -> io::Result<T>) -> io::Result<Read<T>> {
     let mut stack = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; STACK_HEADERS];
-    match parse_into(buf, &mut stack) {
+    match parse_into(buf, &mut stack, take) {
         Err(e) if e.kind() == io::ErrorKind::OutOfMemory => {
             let mut heap = Vec::with_capacity(MAX_HEADERS);
             heap.resize_with(MAX_HEADERS, MaybeUninit::uninit);
-            parse_into(buf, &mut heap)
+            parse_into(buf, &mut heap, take)
         }
         r => r,
     }
 }
 
-fn parse_into<'b>(
+fn parse_into<'b, T>(
     buf: &'b [u8],
     headers: &mut [MaybeUninit<httparse::Header<'b>>],
-) -> io::Result<Option<(Response<Spans>, usize)>> {
+    take: &mut impl FnMut(ParsedHead<'_>) -> io::Result<T>,
+) -> io::Result<Read<T>> {
     let mut res = httparse::Response::new(&mut []);
     let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut res, buf, headers) {
         Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) => return Ok(None),
+        Ok(httparse::Status::Partial) => return Ok(Read::Partial),
         Err(httparse::Error::TooManyHeaders) => {
             return Err(io::Error::new(io::ErrorKind::OutOfMemory, "app response: too many header fields"))
         }
         Err(e) => return Err(invalid(&e.to_string())),
     };
-    let status = res.code.and_then(|c| StatusCode::from_u16(c).ok()).ok_or_else(|| invalid("bad status code"))?;
-    let version = if res.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
-    let base = buf.as_ptr() as usize;
-    let span = |s: &[u8]| {
-        let start = s.as_ptr() as usize - base;
-        start..start + s.len()
-    };
-    let spans: Spans = res.headers.iter().map(|h| (span(h.name.as_bytes()), span(h.value))).collect();
-    let mut out = Response::new(spans);
-    *out.status_mut() = status;
-    *out.version_mut() = version;
-    if let Some(reason) = res.reason.filter(|r| Some(*r) != status.canonical_reason()) {
-        if let Ok(r) = hyper::ext::ReasonPhrase::try_from(reason.as_bytes().to_vec()) {
-            out.extensions_mut().insert(r);
-        }
+    if len > MAX_HEAD {
+        return Err(invalid("head larger than 256 KiB"));
     }
-    Ok(Some((out, len)))
+    let status = res.code.and_then(|c| StatusCode::from_u16(c).ok()).ok_or_else(|| invalid("bad status code"))?;
+    if status.is_informational() {
+        if status == StatusCode::SWITCHING_PROTOCOLS {
+            return Err(invalid("101 Switching Protocols to a request without an upgrade"));
+        }
+        return Ok(Read::Interim(len));
+    }
+    let parsed = ParsedHead {
+        status,
+        version: if res.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 },
+        reason: res.reason.filter(|r| Some(*r) != status.canonical_reason()).map(str::as_bytes),
+        fields: res.headers,
+        bytes: &buf[..len],
+    };
+    Ok(Read::Final(take(parsed)?, len))
 }
 
-/// What a response's header fields say about its framing, noted as its header map is built.
+/// What a response's header fields say about its framing, noted as they are passed on.
 #[derive(Debug, Default)]
-struct Fields {
+pub(crate) struct Fields {
     /// `Transfer-Encoding` is present; whether its last coding is `chunked`.
     chunked: Option<bool>,
     /// `Content-Length`, all its values equal.
@@ -292,23 +307,12 @@ struct Fields {
     /// `Connection: close`.
     close: bool,
     /// A `Connection` value other than `close` and `keep-alive`: it names fields to remove.
-    connection_names: bool,
+    pub connection_names: bool,
 }
 
 impl Fields {
-    /// `name`: as it came, in any case.
-    fn note(&mut self, name: &[u8], value: &[u8]) {
-        if name.eq_ignore_ascii_case(b"content-length") {
-            self.content_length(value);
-        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            self.transfer_encoding(value);
-        } else if name.eq_ignore_ascii_case(b"connection") {
-            self.connection(value);
-        }
-    }
-
-    /// [`Fields::note`] for a parsed name, which compares as an enum where `note` compares
-    /// bytes; whether the field is hop-by-hop.
+    /// Notes a field by its parsed name, which compares as an enum; whether the field is
+    /// hop-by-hop.
     fn note_name(&mut self, name: &HeaderName, value: &[u8]) -> bool {
         if name == header::CONTENT_LENGTH {
             self.content_length(value);
@@ -322,18 +326,18 @@ impl Fields {
         name != header::CONTENT_LENGTH
     }
 
-    fn content_length(&mut self, value: &[u8]) {
+    pub fn content_length(&mut self, value: &[u8]) {
         for n in tokens(value).map(parse_decimal) {
             self.bad_length |= n.is_none() || (self.length.is_some() && self.length != n);
             self.length = n;
         }
     }
 
-    fn transfer_encoding(&mut self, value: &[u8]) {
+    pub fn transfer_encoding(&mut self, value: &[u8]) {
         self.chunked = Some(tokens(value).next_back().is_some_and(|t| t.eq_ignore_ascii_case(b"chunked")));
     }
 
-    fn connection(&mut self, value: &[u8]) {
+    pub fn connection(&mut self, value: &[u8]) {
         for t in tokens(value) {
             if t.eq_ignore_ascii_case(b"close") {
                 self.close = true;
@@ -383,16 +387,20 @@ fn with_headers(res: Response<Spans>, head: &Bytes) -> io::Result<(Response<()>,
     Ok((Response::from_parts(parts, ()), fields))
 }
 
-/// How the body of `res`, an answer to a HEAD request or not, with header `fields`, is
-/// delimited; whether the connection can carry another exchange after it; and whether its
-/// `Content-Length` must be dropped.
-fn framing<B>(head_request: bool, res: &Response<B>, fields: &Fields) -> io::Result<(Framing, bool, bool)> {
+/// How the body of a response with this `version`, `status` and header `fields`, an answer to
+/// a HEAD request or not, is delimited; whether the connection can carry another exchange
+/// after it; and whether its `Content-Length` must be dropped.
+pub(crate) fn framing(
+    head_request: bool,
+    version: Version,
+    status: StatusCode,
+    fields: &Fields,
+) -> io::Result<(Framing, bool, bool)> {
     let length = fields.length.is_some() || fields.bad_length;
     // Both framings at once is how requests are smuggled: the chunks win, and the connection is
     // not used again.
     let both = length && fields.chunked.is_some();
-    let keep_alive = res.version() == Version::HTTP_11 && !fields.close && !both;
-    let status = res.status();
+    let keep_alive = version == Version::HTTP_11 && !fields.close && !both;
     let drop_length = length && length_dropped(status, fields.chunked.is_some());
     if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
         return Ok((Framing::Done, keep_alive, drop_length));
@@ -659,20 +667,28 @@ impl Drop for LeanBody {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn head(raw: &str, method: Method) -> io::Result<(Response<()>, Framing, bool, usize)> {
-        let (res, len) = parse_head(raw.as_bytes())?.expect("complete head");
-        let bytes = Bytes::copy_from_slice(&raw.as_bytes()[..len]);
-        let raw_head = Head { res, bytes: bytes.clone() }.into_raw(method == Method::HEAD)?;
-        let (res, _) = parse_head(raw.as_bytes())?.expect("complete head");
-        let (res, f, k) = Head { res, bytes }.into_response(&method)?;
-        // Both views of a head agree on its framing, and on the length that is not passed on.
-        assert_eq!((&raw_head.framing, raw_head.keep_alive), (&f, k));
-        let length_sent = raw.to_ascii_lowercase().contains("content-length") && !raw_head.drop_length;
-        assert_eq!(length_sent, res.headers().contains_key("content-length"), "{raw}");
+    /// The head at the start of `raw`, as hyper's server is given it, and its length.
+    pub(crate) fn head(raw: &str, method: Method) -> io::Result<(Response<()>, Framing, bool, usize)> {
+        let Read::Final(res, len) = parse_head(raw.as_bytes(), &mut |p| Ok(Head::parts(p)))? else {
+            panic!("not a complete final head: {raw}")
+        };
+        let head = Head::new(res, Bytes::copy_from_slice(&raw.as_bytes()[..len]));
+        let (res, f, k) = head.into_response(&method)?;
         Ok((res, f, k, len))
+    }
+
+    /// What `take` makes of the final head at the start of `buf`; `None` if there is none.
+    pub(crate) fn parse_final<T>(
+        buf: &[u8],
+        take: &mut impl FnMut(ParsedHead<'_>) -> io::Result<T>,
+    ) -> io::Result<Option<T>> {
+        Ok(match parse_head(buf, take)? {
+            Read::Final(t, _) => Some(t),
+            _ => None,
+        })
     }
 
     #[test]
@@ -746,8 +762,12 @@ mod tests {
         assert_eq!(res.status(), 404);
         assert_eq!(res.headers().get_all("x-a").iter().collect::<Vec<_>>(), ["1", "2"]);
         assert_eq!(res.extensions().get::<hyper::ext::ReasonPhrase>().unwrap().as_bytes(), b"Gone Fishing");
-        assert!(parse_head(b"HTTP/1.1 200 OK\r\nx-a: 1\r\n").unwrap().is_none());
-        assert!(parse_head(b"HTTP/1.1 2000 OK\r\n\r\n").is_err());
+        assert!(parse_final(b"HTTP/1.1 200 OK\r\nx-a: 1\r\n", &mut |_| Ok(())).unwrap().is_none());
+        assert!(parse_final(b"HTTP/1.1 2000 OK\r\n\r\n", &mut |_| Ok(())).is_err());
+        // An interim head is skipped whole, without being taken.
+        let interim = b"HTTP/1.1 100 Continue\r\nx-a: 1\r\n\r\nHTTP/1.1 200 OK\r\n";
+        let read = parse_head(interim, &mut |_| -> io::Result<()> { panic!("an interim head was taken") });
+        assert!(matches!(read, Ok(Read::Interim(n)) if n == interim.len() - 17));
         let many: String = (0..300).map(|i| format!("x-{i}: {i}\r\n")).collect();
         let (res, _, _, _) = head(&format!("HTTP/1.1 200 OK\r\n{many}content-length: 0\r\n\r\n"), Method::GET).unwrap();
         assert_eq!(res.headers().len(), 301);

@@ -160,16 +160,25 @@ impl Upstream {
         method: &Method,
         now: Instant,
     ) -> Result<(Response<AppBody>, Option<Pooled>), ProxyError> {
-        let (conn, head) = self.exchange_lean(head, now).await?;
+        let (conn, (res, bytes)) = self.exchange_lean(head, now, true, &mut |p| Ok(lean::Head::parts(p))).await?;
+        let head = lean::Head::new(res, bytes);
         let (res, framing, keep_alive) = head.into_response(method).map_err(|e| ProxyError::Upstream(e.into()))?;
         Ok((res.map(|()| AppBody::Lean(LeanBody::new(conn, framing, keep_alive, self.clone()))), None))
     }
 
     /// Sends `head`, a request head without a body, in a lean exchange, and returns the
-    /// connection with the response's head read from it. Retried once on a new connection only
-    /// when not a byte of it was written. `now`: the request's start, which the pool's idle
-    /// check takes as the time (one clock read less per request).
-    pub async fn exchange_lean(&self, head: &[u8], now: Instant) -> Result<(Conn, lean::Head), ProxyError> {
+    /// connection with what `take` made of the response's head, and with `keep` the head's
+    /// bytes (see [`Conn::exchange`]).
+    /// Retried once on a new connection only when not a byte of it was written. `now`: the
+    /// request's start, which the pool's idle check takes as the time (one clock read less per
+    /// request).
+    pub async fn exchange_lean<T>(
+        &self,
+        head: &[u8],
+        now: Instant,
+        keep: bool,
+        take: &mut impl FnMut(lean::ParsedHead<'_>) -> std::io::Result<T>,
+    ) -> Result<(Conn, (T, Bytes)), ProxyError> {
         let mut retried = false;
         loop {
             let pooled = if retried { None } else { self.checkout_lean(now) };
@@ -179,8 +188,8 @@ impl Upstream {
                 // Boxed: connecting is rare next to reusing, and its future is large.
                 None => Conn::new(Box::pin(self.connect()).await?),
             };
-            match with_timeout(self.request_timeout, conn.exchange(head)).await? {
-                Ok(head) => return Ok((conn, head)),
+            match with_timeout(self.request_timeout, conn.exchange(head, keep, take)).await? {
+                Ok(answer) => return Ok((conn, answer)),
                 Err(ExchangeError::NotWritten(e)) if reused => {
                     debug!(error = %e, "pooled connection failed before the request was written; retrying on a fresh one");
                     retried = true;
