@@ -110,8 +110,17 @@ enum Field {
     Other,
 }
 
+/// Whether `name`, a field name httparse took (a token), is `lower` in any case. `lower` is
+/// lower-case letters and `-`: on a token, setting each byte's 0x20 bit lower-cases a letter
+/// and leaves `-` and the other token bytes unlike every letter (one operation per byte
+/// where `eq_ignore_ascii_case` lower-cases both sides).
+fn is_name(name: &[u8], lower: &[u8]) -> bool {
+    debug_assert!(lower.iter().all(|&b| b.is_ascii_lowercase() || b == b'-'));
+    name.len() == lower.len() && name.iter().zip(lower).all(|(&n, &l)| n | 0x20 == l)
+}
+
 fn field(name: &str) -> Field {
-    let is = |s: &str| name.eq_ignore_ascii_case(s);
+    let is = |s: &str| is_name(name.as_bytes(), s.as_bytes());
     match name.len() {
         2 if is("te") => Field::Te,
         4 if is("host") => Field::Host,
@@ -190,16 +199,14 @@ fn parse(buf: &[u8], max_head: usize, svc: &ProxyService, access_log: bool, out:
     out.push(b' ');
     out.extend_from_slice(path.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut lines = Lines::new(&buf[..len]);
     for f in req.headers.iter() {
         match field(f.name) {
-            Field::Connection | Field::Te | Field::HopByHop | Field::XForwardedFor => continue,
-            _ => {}
+            Field::Connection | Field::Te | Field::HopByHop | Field::XForwardedFor => {}
+            _ => lines.push(out, f),
         }
-        out.extend_from_slice(f.name.as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(f.value);
-        out.extend_from_slice(b"\r\n");
     }
+    lines.flush(out);
     // `take`: none are looked for when none came.
     let client_xff = req.headers.iter().filter(|f| field(f.name) == Field::XForwardedFor).map(|f| f.value);
     write_forwarded_for(out, client_xff.take(xff), peer_ip);
@@ -568,9 +575,10 @@ fn write_fields(
     let no_chunks = req.http10 || req.head || matches!(h.status.as_u16(), 204 | 304);
     let mut has_date = false;
     let mut trailers = Vec::new();
+    let mut lines = Lines::new(h.bytes);
     for f in h.fields {
         let name = f.name.as_bytes();
-        let is = |known: &[u8]| name.eq_ignore_ascii_case(known);
+        let is = |known: &[u8]| is_name(name, known);
         let kind = match name.len() {
             2 if is(b"te") => Kind::HopByHop,
             4 if is(b"date") => Kind::Date,
@@ -597,6 +605,7 @@ fn write_fields(
             _ => Kind::Pass,
         };
         match kind {
+            // A line left out ends the run before it (the next one does not adjoin it).
             Kind::HopByHop => continue,
             _ if !named.is_empty() && named_in(named, name) => continue,
             Kind::Trailer if no_chunks => continue,
@@ -606,26 +615,59 @@ fn write_fields(
             Kind::Date => has_date = true,
             _ => {}
         }
-        match line(h.bytes, f) {
-            Some(line) => out.extend_from_slice(line),
-            None => {
-                out.extend_from_slice(name);
-                out.extend_from_slice(b": ");
-                out.extend_from_slice(f.value);
-            }
-        }
-        out.extend_from_slice(b"\r\n");
+        lines.push(out, f);
     }
+    lines.flush(out);
     (has_date, trailers)
 }
 
-/// A field's line in `head`, from its name to the end of its value, spaces in between as the
-/// app wrote them; `None` if its value does not lie in `head` (an empty one may not).
-fn line<'b>(head: &'b [u8], f: &httparse::Header<'b>) -> Option<&'b [u8]> {
-    let base = head.as_ptr() as usize;
-    let start = (f.name.as_ptr() as usize).checked_sub(base)?;
-    let end = (f.value.as_ptr() as usize).checked_sub(base)?.checked_add(f.value.len())?;
-    head.get(start..end)
+/// Copies header fields' lines from a head to an output as they came, each run of adjacent
+/// lines in one copy: a head mostly passes on whole, and a copy per field cost more than the
+/// fields' bytes. A line is copied as it is only when its value ends at `\r\n`; one with a
+/// bare `\n` or trailing spaces, or a value httparse gave from elsewhere, is written out as
+/// `name: value\r\n`.
+struct Lines<'b> {
+    head: &'b [u8],
+    /// The run of lines not yet copied: `head[run.0..run.1]`.
+    run: (usize, usize),
+}
+
+impl<'b> Lines<'b> {
+    fn new(head: &'b [u8]) -> Lines<'b> {
+        Lines { head, run: (0, 0) }
+    }
+
+    /// Adds the line of `f`, a field parsed from the head.
+    fn push(&mut self, out: &mut Vec<u8>, f: &httparse::Header<'b>) {
+        let base = self.head.as_ptr() as usize;
+        let start = (f.name.as_ptr() as usize).wrapping_sub(base);
+        let end = (f.value.as_ptr() as usize).wrapping_sub(base).wrapping_add(f.value.len());
+        let stop = end.wrapping_add(2);
+        if start < end
+            && end < stop
+            && stop <= self.head.len()
+            && self.head[end] == b'\r'
+            && self.head[end + 1] == b'\n'
+        {
+            if start != self.run.1 {
+                self.flush(out);
+                self.run.0 = start;
+            }
+            self.run.1 = stop;
+            return;
+        }
+        self.flush(out);
+        write_field(out, f.name.as_bytes(), f.value);
+    }
+
+    /// Copies the run so far: when the next line does not adjoin it (one in between was left
+    /// out), and at the end.
+    fn flush(&mut self, out: &mut Vec<u8>) {
+        if self.run.0 < self.run.1 {
+            out.extend_from_slice(&self.head[self.run.0..self.run.1]);
+        }
+        self.run = (0, 0);
+    }
 }
 
 /// Writes the response: the head in `out`, then the body as the app sends it (chunked when
@@ -722,6 +764,70 @@ mod tests {
             .collect();
         v.sort();
         v
+    }
+
+    /// `is_name` agrees with `eq_ignore_ascii_case` on every token: each name this path looks
+    /// for, with each of its bytes replaced by each byte a token may hold.
+    #[test]
+    fn is_name_is_a_case_blind_compare_on_tokens() {
+        let token: Vec<u8> =
+            (0u8..=127).filter(|&b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)).collect();
+        let known: &[&[u8]] = &[
+            b"te",
+            b"date",
+            b"host",
+            b"expect",
+            b"upgrade",
+            b"trailer",
+            b"connection",
+            b"keep-alive",
+            b"content-length",
+            b"x-forwarded-for",
+            b"proxy-connection",
+            b"x-forwarded-host",
+            b"transfer-encoding",
+            b"x-forwarded-proto",
+        ];
+        let mut matched = 0;
+        for &name in known {
+            for i in 0..name.len() {
+                for &b in &token {
+                    let mut variant = name.to_vec();
+                    variant[i] = b;
+                    assert_eq!(
+                        is_name(&variant, name),
+                        variant.eq_ignore_ascii_case(name),
+                        "{:?}",
+                        String::from_utf8_lossy(&variant)
+                    );
+                    matched += usize::from(is_name(&variant, name));
+                }
+            }
+            assert!(!is_name(&name[1..], name));
+        }
+        assert!(matched > 0);
+    }
+
+    /// Lines are copied as they came where they end in CRLF, adjacent ones in one run, and
+    /// written out again where they do not; a line left out splits the run.
+    #[test]
+    fn lines_pass_on_as_they_came_or_rewritten() {
+        let raw = b"GET / HTTP/1.1\r\nA: 1\r\nB:2\r\nSkip: x\r\nC:  3  \r\nD: 4\nE:\r\nF: 6\r\nSkip: y\r\n\r\n";
+        let mut fields = [httparse::EMPTY_HEADER; 16];
+        let mut req = httparse::Request::new(&mut fields);
+        let len = req.parse(raw).unwrap().unwrap();
+        let mut out = b"<".to_vec();
+        let mut lines = Lines::new(&raw[..len]);
+        let kept: Vec<_> = req.headers.iter().filter(|f| f.name != "Skip").collect();
+        // A and B adjoin: held as one run, nothing copied yet.
+        lines.push(&mut out, kept[0]);
+        lines.push(&mut out, kept[1]);
+        assert_eq!(out, b"<");
+        for f in &kept[2..] {
+            lines.push(&mut out, f);
+        }
+        lines.flush(&mut out);
+        assert_eq!(String::from_utf8_lossy(&out), "<A: 1\r\nB:2\r\nC: 3\r\nD: 4\r\nE:\r\nF: 6\r\n");
     }
 
     /// The fast path's one-pass head and hyper's path (the header map `lean::Head` builds)

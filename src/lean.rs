@@ -338,6 +338,10 @@ impl Fields {
     }
 
     pub fn connection(&mut self, value: &[u8]) {
+        // What most apps send, without splitting it.
+        if value.eq_ignore_ascii_case(b"keep-alive") {
+            return;
+        }
         for t in tokens(value) {
             if t.eq_ignore_ascii_case(b"close") {
                 self.close = true;
