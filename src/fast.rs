@@ -534,7 +534,7 @@ fn write_head(out: &mut Vec<u8>, req: &Request, h: &ParsedHead<'_>, draining: bo
     if drop_length || fields.connection_names {
         out.truncate(fields_at);
         let named: Vec<&[u8]> = if fields.connection_names {
-            h.fields.iter().filter(|f| f.name.eq_ignore_ascii_case("connection")).map(|f| f.value).collect()
+            h.fields.iter().filter(|f| is_name(f.name.as_bytes(), b"connection")).map(|f| f.value).collect()
         } else {
             Vec::new()
         };
@@ -859,13 +859,7 @@ mod tests {
             "Empty:",
             "Spaced:   v  ",
         ];
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move |n: usize| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed % n as u64) as usize
-        };
+        let mut next = crate::test_rng(0x9e37_79b9_7f4a_7c15);
         let mut compared = 0;
         for case in 0..4000 {
             let status = [200, 204, 304, 404][next(4)];

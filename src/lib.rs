@@ -26,3 +26,15 @@ pub mod sock;
 pub mod tls;
 pub mod upstream;
 pub mod warmup;
+
+/// A small deterministic generator (xorshift64*) for the unit tests' random cases: the same
+/// on every run, so a failing case is found again. Each call gives a number below `n`.
+#[cfg(test)]
+pub(crate) fn test_rng(mut seed: u64) -> impl FnMut(usize) -> usize {
+    move |n| {
+        seed ^= seed >> 12;
+        seed ^= seed << 25;
+        seed ^= seed >> 27;
+        (seed.wrapping_mul(0x2545_f491_4f6c_dd1d) % n as u64) as usize
+    }
+}

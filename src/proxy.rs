@@ -611,13 +611,7 @@ mod tests {
     /// joined cookies, hop-by-hop fields left out.
     #[test]
     fn http2_lean_heads_are_the_rewritten_maps_heads() {
-        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
-        let mut next = move |n: usize| {
-            seed ^= seed >> 12;
-            seed ^= seed << 25;
-            seed ^= seed >> 27;
-            (seed.wrapping_mul(0x2545_f491_4f6c_dd1d) % n as u64) as usize
-        };
+        let mut next = crate::test_rng(0x9e37_79b9_7f4a_7c15);
         let pool: &[(&str, &[&str])] = &[
             ("host", &["a.example", "b.example:8080"]),
             ("cookie", &["s=1", "theme=dark", "c=3"]),
