@@ -178,8 +178,9 @@ pub struct DrainConfig {
 pub struct RuntimeConfig {
     /// 1 = current-thread runtime (one core, the usual sidecar budget).
     pub threads: usize,
-    /// HTTP/1.1 requests without a body are served by drainproxy's own server path
-    /// (`fast.rs`) instead of hyper's; false sends every request through hyper.
+    /// HTTP/1.1 requests without a body, or with one of up to 64 KiB, are served by
+    /// drainproxy's own server path (`fast.rs`) instead of hyper's; false sends every request
+    /// through hyper.
     pub http1_fast_path: bool,
 }
 

@@ -1,5 +1,9 @@
 //! The HTTP/1.1 server's own path for the requests a sidecar mostly carries: a head without a
-//! body (GET, HEAD, most DELETE and OPTIONS), answered by the app over the lean exchange.
+//! body (GET, HEAD, most DELETE and OPTIONS) or with a small one (`Content-Length` up to
+//! [`BODY_MAX`]: most API POSTs), answered by the app over the lean exchange. A body is read
+//! whole, then written behind its head in one write; it must keep coming (no gap of
+//! `limits.header_read_timeout`, else 408 and the connection closes), and the request is in
+//! flight from its head.
 //!
 //! hyper's server turns each request head into an `http::Request` (a header map, every name
 //! hashed, every value its own `Bytes`), the proxy rewrites that map, the lean client writes it
@@ -13,7 +17,8 @@
 //!
 //! Only what this path is sure to do exactly as hyper's would stays on it. Anything else is
 //! handed to hyper with the bytes already read, for the rest of the connection's life or until
-//! it parks: a body (`Content-Length`, `Transfer-Encoding`), `Expect`, `Upgrade`, a
+//! it parks: a chunked body (`Transfer-Encoding`), a larger one, a `Content-Length` said
+//! twice or with a leading zero, `Expect`, `Upgrade`, a
 //! `Connection` naming other fields, a host that is not exactly one `Host` field, a target
 //! that is not a plain origin-form path, `CONNECT`, more than [`MAX_FIELDS`] fields, a head
 //! larger than `limits.max_header_bytes` or one httparse refuses (hyper answers those 400 or
@@ -54,6 +59,9 @@ const READ: usize = 4096;
 /// Body data up to this size is copied behind the head (one write); larger data is written
 /// from its own buffer.
 const COPY_MAX: usize = 16 * 1024;
+/// The largest request body (`Content-Length`) this path takes: read whole, then sent to the
+/// app behind its head in one write. A larger one goes to hyper, which streams it.
+pub const BODY_MAX: usize = 64 * 1024;
 
 /// Why [`serve`] returned.
 #[derive(Debug, PartialEq, Eq)]
@@ -82,6 +90,8 @@ enum Parsed {
 struct Request {
     /// Bytes of the client's head.
     len: usize,
+    /// Bytes of its body (`Content-Length`), which follow the head.
+    body: usize,
     /// The client spoke HTTP/1.0.
     http10: bool,
     /// The client wants its connection kept after the response.
@@ -100,6 +110,7 @@ enum Field {
     Host,
     Te,
     Connection,
+    ContentLength,
     /// Hop-by-hop fields that are simply not passed on.
     HopByHop,
     /// Fields that only hyper's path handles.
@@ -128,7 +139,7 @@ fn field(name: &str) -> Field {
         7 if is("upgrade") => Field::Handoff,
         10 if is("connection") => Field::Connection,
         10 if is("keep-alive") => Field::HopByHop,
-        14 if is("content-length") => Field::Handoff,
+        14 if is("content-length") => Field::ContentLength,
         15 if is("x-forwarded-for") => Field::XForwardedFor,
         16 if is("proxy-connection") => Field::HopByHop,
         16 if is("x-forwarded-host") => Field::XForwardedHost,
@@ -144,6 +155,16 @@ fn field(name: &str) -> Field {
 fn plain_target(path: &str) -> bool {
     path.starts_with('/')
         && path.bytes().all(|b| matches!(b, 0x21 | 0x24..=0x3B | 0x3D | 0x3F..=0x5A | 0x5F | 0x61..=0x7A | 0x7E))
+}
+
+/// A `Content-Length` value this path takes: digits only, no leading zero, at most
+/// [`BODY_MAX`].
+fn body_length(value: &[u8]) -> Option<usize> {
+    if value.is_empty() || value.len() > 6 || (value[0] == b'0' && value.len() > 1) {
+        return None;
+    }
+    let n = value.iter().try_fold(0usize, |n, &b| b.is_ascii_digit().then(|| n * 10 + usize::from(b - b'0')))?;
+    (n <= BODY_MAX).then_some(n)
 }
 
 /// Parses a request head at the start of `buf` and, when this path takes it, writes the head
@@ -163,12 +184,19 @@ fn parse(buf: &[u8], max_head: usize, svc: &ProxyService, access_log: bool, out:
         return Parsed::Handoff;
     }
     let mut host: Option<&[u8]> = None;
+    let mut body: Option<usize> = None;
     let (mut close, mut keep_alive, mut trailers) = (false, false, false);
     let (mut xff, mut xfp, mut xfh) = (0, false, false);
     for f in req.headers.iter() {
         match field(f.name) {
             Field::Host if host.is_none() => host = Some(f.value),
             Field::Host | Field::Handoff => return Parsed::Handoff,
+            // One length this path reads whole; a second field (even an equal one), a list or
+            // a larger body goes to hyper.
+            Field::ContentLength => match (body, body_length(f.value)) {
+                (None, Some(n)) => body = Some(n),
+                _ => return Parsed::Handoff,
+            },
             Field::Connection => {
                 for t in tokens(f.value) {
                     if t.eq_ignore_ascii_case(b"close") {
@@ -222,12 +250,40 @@ fn parse(buf: &[u8], max_head: usize, svc: &ProxyService, access_log: bool, out:
     let access = access_log.then(|| (Method::from_bytes(method.as_bytes()).unwrap_or_default(), path.to_string()));
     Parsed::Ready(Request {
         len,
+        body: body.unwrap_or(0),
         http10,
         keep_alive: if http10 { keep_alive && !close } else { !close },
         head: method == "HEAD",
         trailers,
         access,
     })
+}
+
+/// Why a request body did not come whole.
+enum BodyWait {
+    /// The client closed, or its connection failed.
+    Gone,
+    /// No byte of it came for the bound.
+    Stalled,
+}
+
+/// Reads until `buf` holds `want` bytes: a request's head and its body, which must keep
+/// coming (no gap longer than `gap`, as nginx's `client_body_timeout`).
+async fn read_body(
+    io: &mut Prefixed,
+    buf: &mut BytesMut,
+    want: usize,
+    gap: std::time::Duration,
+) -> Result<(), BodyWait> {
+    buf.reserve(want - buf.len());
+    while buf.len() < want {
+        match tokio::time::timeout(gap, io.read_buf(buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return Err(BodyWait::Gone),
+            Ok(Ok(_)) => {}
+            Err(_) => return Err(BodyWait::Stalled),
+        }
+    }
+    Ok(())
 }
 
 /// What woke a connection waiting for a request head.
@@ -357,7 +413,7 @@ pub async fn serve(io: &mut Prefixed, svc: &ProxyService, conn: &Arc<ConnState>,
             io.unread(buf.freeze());
             return End::Handoff;
         }
-        buf.advance(req.len);
+        // In flight from here, its head read, while the body is still coming.
         let started = Instant::now();
         let mut guard = RequestGuard::start(p.acct.clone(), conn.clone(), phase, started);
         if phase.is_draining() {
@@ -366,6 +422,29 @@ pub async fn serve(io: &mut Prefixed, svc: &ProxyService, conn: &Arc<ConnState>,
         if let Some((method, path)) = req.access.take() {
             guard.set_access(AccessInfo { method, path, peer: svc.peer });
         }
+        let whole = req.len + req.body;
+        if buf.len() < whole {
+            match read_body(io, &mut buf, whole, head_timeout).await {
+                Ok(()) => {}
+                Err(BodyWait::Gone) => return End::Close,
+                Err(BodyWait::Stalled) => {
+                    debug!(
+                        header_read_timeout_ms = head_timeout.as_millis() as u64,
+                        "request body stalled for limits.header_read_timeout: 408, closing"
+                    );
+                    guard.set_status(408);
+                    out.clear();
+                    write_status(&mut out, req.http10, StatusCode::REQUEST_TIMEOUT, None);
+                    out.extend_from_slice(b"content-length: 0\r\n");
+                    end_head(&mut out, true, Ending { keep: false, http10: req.http10, say_close: true });
+                    let _ = io.write_all(&out).await;
+                    let _ = io.shutdown().await;
+                    return End::Close;
+                }
+            }
+        }
+        to_app.extend_from_slice(&buf[req.len..whole]);
+        buf.advance(whole);
         out.clear();
         let answer = p
             .upstream
@@ -429,7 +508,11 @@ pub async fn serve(io: &mut Prefixed, svc: &ProxyService, conn: &Arc<ConnState>,
         if out.capacity() > 4 * COPY_MAX {
             out = Vec::new();
         }
-        if buf.is_empty() && buf.capacity() > 4 * READ {
+        if to_app.capacity() > 4 * COPY_MAX {
+            to_app = Vec::new();
+        }
+        // (A body up to `COPY_MAX` keeps the buffer it was read into.)
+        if buf.is_empty() && buf.capacity() > COPY_MAX + 4 * READ {
             buf = BytesMut::new();
         }
     }
@@ -769,6 +852,29 @@ mod tests {
     /// `is_name` agrees with `eq_ignore_ascii_case` on every token: each name this path looks
     /// for, with each of its bytes replaced by each byte a token may hold.
     #[test]
+    fn body_length_takes_plain_digits_up_to_the_cap() {
+        for (value, want) in [
+            (&b"0"[..], Some(0)),
+            (b"7", Some(7)),
+            (b"16384", Some(16384)),
+            (b"65536", Some(BODY_MAX)),
+            (b"65537", None),
+            (b"999999", None),
+            (b"1000000", None),
+            (b"", None),
+            (b"04", None),
+            (b"00", None),
+            (b"+4", None),
+            (b"4 ", None),
+            (b"4,4", None),
+            (b"0x10", None),
+            (b"-1", None),
+        ] {
+            assert_eq!(body_length(value), want, "{:?}", String::from_utf8_lossy(value));
+        }
+    }
+
+    #[test]
     fn is_name_is_a_case_blind_compare_on_tokens() {
         let token: Vec<u8> =
             (0u8..=127).filter(|&b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)).collect();
@@ -873,6 +979,7 @@ mod tests {
             let method = if next(4) == 0 { Method::HEAD } else { Method::GET };
             let req = Request {
                 len: 0,
+                body: 0,
                 http10: next(5) == 0,
                 keep_alive: true,
                 head: method == Method::HEAD,

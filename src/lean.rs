@@ -59,6 +59,8 @@ pub struct Conn {
     io: TcpStream,
     buf: BytesMut,
     read_size: usize,
+    /// A write of a request failed: whatever the app answered, the connection goes no further.
+    spent: bool,
 }
 
 /// How a response's body is delimited, and how far it has been read.
@@ -100,14 +102,14 @@ fn invalid(what: &str) -> io::Error {
 
 impl Conn {
     pub fn new(io: TcpStream) -> Conn {
-        Conn { io, buf: BytesMut::new(), read_size: FIRST_READ }
+        Conn { io, buf: BytesMut::new(), read_size: FIRST_READ, spent: false }
     }
 
     /// An idle connection is still fit for a request: the app has neither closed it nor sent
     /// anything since the last response. A system call only when the socket was reported
     /// readable since (tokio clears that on a short read, which ends most responses).
     pub fn is_fit(&mut self) -> bool {
-        if !self.buf.is_empty() {
+        if self.spent || !self.buf.is_empty() {
             return false;
         }
         let mut cx = Context::from_waker(Waker::noop());
@@ -148,8 +150,16 @@ impl Conn {
         if written == 0 {
             return Err(ExchangeError::NotWritten(io::ErrorKind::WriteZero.into()));
         }
-        self.io.write_all(&head[written..]).await.map_err(ExchangeError::Failed)?;
-        let (answer, len) = self.read_head(take).await.map_err(ExchangeError::Failed)?;
+        let (answer, len) = match self.io.write_all(&head[written..]).await {
+            Ok(()) => self.read_head(take).await.map_err(ExchangeError::Failed)?,
+            // The app may have answered and closed before it read the whole request (a body
+            // it refuses): a whole head it sent is the answer, not a 502 (as `sock.rs` keeps
+            // it for hyper's client).
+            Err(e) => {
+                self.spent = true;
+                self.read_head(take).await.map_err(|_| ExchangeError::Failed(e))?
+            }
+        };
         if keep {
             return Ok((answer, self.buf.split_to(len).freeze()));
         }

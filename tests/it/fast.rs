@@ -213,6 +213,11 @@ async fn the_fast_path_answers_as_hyper_does_and_sends_the_app_the_same_heads() 
     let many_fields: String = (0..70).map(|i| format!("x-f{i}: {i}\r\n")).collect();
     let many = format!("GET /many HTTP/1.1\r\nHost: a\r\n{many_fields}\r\n");
     let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n");
+    let post = |n: usize| {
+        let body: String = (0..n).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
+        format!("POST /post HTTP/1.1\r\nHost: a\r\nContent-Length: {n}\r\n\r\n{body}{}", get("/length"))
+    };
+    let (big_body, too_big_body) = (post(drainproxy::fast::BODY_MAX), post(drainproxy::fast::BODY_MAX + 1));
     let cases: Vec<(String, Vec<&str>, Path)> = vec![
         (get("/length"), vec!["GET"], Path::Fast),
         ("GET /chunked HTTP/1.1\r\nHost: a\r\nTE: trailers\r\n\r\n".into(), vec!["GET"], Path::Fast),
@@ -249,17 +254,25 @@ async fn the_fast_path_answers_as_hyper_does_and_sends_the_app_the_same_heads() 
             vec!["GET", "HEAD", "GET"],
             Path::Fast,
         ),
-        // hyper takes over at the request with a body, and serves what follows it.
+        // A body up to `BODY_MAX` is read whole and sent behind its head.
         (
             format!("{}POST /post HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n\r\nabcd{}", get("/length"), get("/x")),
             vec!["GET", "POST", "GET"],
             Path::Fast,
         ),
-        // Handed to hyper from the start.
-        // (Both framings at once, answered to a request with a body: hyper's client decodes
-        // the chunks and the length must not reach the client.)
-        ("POST /both HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n\r\nx".into(), vec!["POST"], Path::Hyper),
-        ("POST /post HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n\r\nabcd".into(), vec!["POST"], Path::Hyper),
+        // (Both framings at once, answered to a request with a body: the length must not
+        // reach the client.)
+        ("POST /both HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n\r\nx".into(), vec!["POST"], Path::Fast),
+        ("POST /post HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n\r\nabcd".into(), vec!["POST"], Path::Fast),
+        ("PUT /post HTTP/1.0\r\nHost: a\r\ncontent-length:0\r\n\r\n".into(), vec!["PUT"], Path::Fast),
+        (big_body.clone(), vec!["POST", "GET"], Path::Fast),
+        // Handed to hyper from the start: a larger body, which hyper streams; a length said
+        // twice, with a leading zero, or with `Expect`; a chunked body.
+        (too_big_body, vec!["POST", "GET"], Path::Hyper),
+        ("POST /post HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nContent-Length: 4\r\n\r\nabcd".into(), vec!["POST"], Path::Hyper),
+        ("POST /post HTTP/1.1\r\nHost: a\r\nContent-Length: 04\r\n\r\nabcd".into(), vec!["POST"], Path::Hyper),
+        ("POST /post HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\nabcd".into(), vec!["POST"], Path::Hyper),
+        ("POST /post HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nabcd\r\n0\r\n\r\n".into(), vec!["POST"], Path::Hyper),
         ("GET http://a/abs HTTP/1.1\r\nHost: a\r\n\r\n".into(), vec!["GET"], Path::Hyper),
         ("GET /no-host HTTP/1.0\r\n\r\n".into(), vec!["GET"], Path::Hyper),
         ("GET /named HTTP/1.1\r\nHost: a\r\nConnection: X-Foo\r\nX-Foo: 1\r\n\r\n".into(), vec!["GET"], Path::Hyper),
@@ -563,12 +576,26 @@ fn random_request(
         path => path.to_string(),
     };
     // A random answer to HEAD is its head alone (`/h`), as an app answers HEAD.
+    // (Not a faulty answer to a POST: without the fast path, hyper's client carries the body
+    // and refuses those, where the lean client passes them on.)
     let path = match random_answers {
-        Some(n) => format!("/r/{}{}", rng.below(n), if method == "HEAD" { "/h" } else { "" }),
+        Some(n) => {
+            let mut i = rng.below(n);
+            while method == "POST" && self::random_answers()[i].faulty {
+                i = rng.below(n);
+            }
+            format!("/r/{i}{}", if method == "HEAD" { "/h" } else { "" })
+        }
         None => path,
     };
     let body = if method == "POST" {
-        let body = "x".repeat(rng.below(40));
+        // Mostly small; now and then more than one read, or more than the fast path takes.
+        let n = match rng.below(20) {
+            0 => 5000 + rng.below(3000),
+            1 => drainproxy::fast::BODY_MAX - 100 + rng.below(200),
+            _ => rng.below(40),
+        };
+        let body: String = (0..n).map(|_| char::from(b'a' + rng.below(26) as u8)).collect();
         field(rng, "Content-Length", &body.len().to_string());
         body
     } else {
@@ -663,9 +690,20 @@ impl Pair {
         (random_answers, keep_alive_10): (Option<usize>, bool),
         mut check: impl FnMut(usize, &str, &[&str], &[Norm]),
     ) {
+        // hyper's client, which carries a request body without the fast path, speaks HTTP/1.0
+        // (with `Connection: keep-alive`) on a connection whose app answered in HTTP/1.0
+        // before; the fast path and the lean client always speak HTTP/1.1.
         let heads = |app: &Scripted| {
             let addr = app.addr.to_string();
-            app.heads.lock().unwrap().drain(..).map(|h| norm_head(&h.replace(&addr, "APP"))).collect::<Vec<_>>()
+            let mut heads =
+                app.heads.lock().unwrap().drain(..).map(|h| norm_head(&h.replace(&addr, "APP"))).collect::<Vec<_>>();
+            for (line, fields) in &mut heads {
+                if let Some(start) = line.strip_suffix(" HTTP/1.0") {
+                    *line = format!("{start} HTTP/1.1");
+                    fields.retain(|(n, v)| !(n == "connection" && v == "keep-alive"));
+                }
+            }
+            heads
         };
         let (mut fast_served, mut all) = (0, 0);
         for case in 0..cases {
@@ -952,7 +990,8 @@ async fn random_answers_reach_http2_clients_whole() {
 /// Random request bodies, framed by a length or by chunks (any sizes, extensions, trailers),
 /// cut anywhere and pipelined between bodiless requests, over HTTP/1.1; and in random DATA
 /// frames over HTTP/2. The app reads each body whole and exactly, and the connection carries
-/// on: the fast path hands a body to hyper, which serves what follows.
+/// on: the fast path reads a body up to `BODY_MAX` whole and hands a larger or chunked one to
+/// hyper, which serves what follows.
 #[tokio::test]
 async fn random_request_bodies_reach_the_app_whole() {
     let app = app().await;
@@ -1034,4 +1073,45 @@ async fn random_request_bodies_reach_the_app_whole() {
         let back = http_body_util::BodyExt::collect(res.into_body()).await.unwrap().to_bytes();
         assert!(back[..] == body[..], "h2 case {case}: {} bytes back, {} sent", back.len(), body.len());
     }
+}
+
+/// A request with a body up to `BODY_MAX` is read whole before it goes to the app, and is in
+/// flight from its head (a drain would wait for it): the app sees it only once it is whole.
+#[tokio::test]
+async fn a_request_is_in_flight_while_its_body_comes() {
+    let app = app().await;
+    let p = ready_proxy(app.addr, |_| {}).await;
+    let mut s = TcpStream::connect(p.proxy_addr).await.unwrap();
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: a\r\nConnection: close\r\nContent-Length: 10\r\n\r\nhello")
+        .await
+        .unwrap();
+    wait_metric(&p, "drainproxy_requests_inflight", &[], 1.0).await;
+    assert_eq!(app.state.requests.load(std::sync::atomic::Ordering::SeqCst), 0, "half a body reached the app");
+    s.write_all(b"world").await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await.expect("an answer").unwrap();
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.starts_with("HTTP/1.1 200") && text.ends_with("\r\n\r\nhelloworld"), "{text}");
+    assert_eq!(p.activity.inflight(), 0);
+}
+
+/// A body that stops coming for `limits.header_read_timeout` is answered 408 and its
+/// connection closed; the app never sees it.
+#[tokio::test]
+async fn a_stalled_request_body_is_answered_408() {
+    let app = app().await;
+    let p = ready_proxy(app.addr, |c| c.limits.header_read_timeout = drainproxy::config::Dur::millis(300)).await;
+    let mut s = TcpStream::connect(p.proxy_addr).await.unwrap();
+    let start = std::time::Instant::now();
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nhello").await.unwrap();
+    let mut buf = Vec::new();
+    // The proxy must answer and close by itself; the bound only keeps a broken build from
+    // hanging the suite.
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await.expect("closed").unwrap();
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.starts_with("HTTP/1.1 408 Request Timeout\r\n"), "{text}");
+    assert!(text.to_ascii_lowercase().contains("\r\nconnection: close\r\n"), "{text}");
+    assert!(start.elapsed() >= Duration::from_millis(250), "answered too early: {:?}", start.elapsed());
+    assert_eq!(app.state.requests.load(std::sync::atomic::Ordering::SeqCst), 0, "nothing forwarded");
+    assert_eq!(p.activity.inflight(), 0);
 }

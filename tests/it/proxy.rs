@@ -509,6 +509,24 @@ async fn an_answer_the_app_sent_before_resetting_an_upload_reaches_the_client() 
     }
 }
 
+/// The same for a body the fast path reads whole (up to `BODY_MAX`) and writes behind its
+/// head in one write: the answer waiting before the reset reaches the client, whether that
+/// write went whole into the kernel's buffers or the reset cut it (`lean::Conn::exchange`
+/// then reads the answer, as `sock.rs` does for hyper's client).
+#[tokio::test]
+async fn an_answer_the_app_sent_before_resetting_a_whole_body_reaches_the_client() {
+    let p = refusing_proxy(413, REFUSAL_BODY).await;
+    let n = drainproxy::fast::BODY_MAX;
+    let mut req = format!("POST /upload HTTP/1.1\r\nhost: a\r\ncontent-length: {n}\r\n\r\n").into_bytes();
+    req.resize(req.len() + n, b'x');
+    for i in 0..20 {
+        let (mut rd, mut wr) = TcpStream::connect(p.proxy_addr).await.unwrap().into_split();
+        wr.write_all(&req).await.unwrap();
+        let got = read_refusal(&mut rd).await;
+        assert!(got.starts_with("HTTP/1.1 413 ") && got.ends_with("too big!"), "upload {i}: {got}");
+    }
+}
+
 /// Reads one answer from the refusing app (up to its body) from `rd`.
 async fn read_refusal(rd: &mut tokio::net::tcp::OwnedReadHalf) -> String {
     let mut got = Vec::new();

@@ -422,7 +422,8 @@ pub struct Scripted {
 
 /// An app that answers each request with the bytes `answer` gives for its path, verbatim,
 /// closing the connection after the paths it names. A request body framed by
-/// `Content-Length` is read and discarded.
+/// `Content-Length` is read whole before the answer, and recorded with its head as an
+/// `x-body-read` field.
 pub async fn scripted_app(answer: fn(&str) -> (&'static [u8], bool)) -> Scripted {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -438,27 +439,33 @@ pub async fn scripted_app(answer: fn(&str) -> (&'static [u8], bool)) -> Scripted
                 let mut first = true;
                 let mut got = Vec::new();
                 let mut buf = [0u8; 4096];
-                let mut body_left = 0usize;
                 loop {
-                    let skip = body_left.min(got.len());
-                    got.drain(..skip);
-                    body_left -= skip;
-                    let end = got.windows(4).position(|w| w == b"\r\n\r\n");
-                    let Some(end) = end.filter(|_| body_left == 0) else {
+                    let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") else {
                         match s.read(&mut buf).await {
                             Ok(0) | Err(_) => return,
                             Ok(n) => got.extend_from_slice(&buf[..n]),
                         }
                         continue;
                     };
-                    let head = String::from_utf8_lossy(&got[..end]).into_owned();
+                    let mut head = String::from_utf8_lossy(&got[..end]).into_owned();
                     got.drain(..end + 4);
-                    body_left = head
+                    let length: usize = head
                         .lines()
                         .filter_map(|l| l.split_once(':'))
                         .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
                         .and_then(|(_, v)| v.trim().parse().ok())
                         .unwrap_or(0);
+                    while got.len() < length {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => got.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    // The body, recorded as a field of its own: what the app read of it.
+                    if length > 0 {
+                        head.push_str(&format!("\r\nx-body-read: {}", String::from_utf8_lossy(&got[..length])));
+                        got.drain(..length);
+                    }
                     if std::mem::take(&mut first) {
                         count.fetch_add(1, Ordering::SeqCst);
                     }
