@@ -763,7 +763,8 @@ async fn write_body(
     declared: Vec<Bytes>,
 ) -> std::io::Result<()> {
     let mut trailers: Option<HeaderMap> = None;
-    while let Some(frame) = body.frame().await {
+    let mut next = body.frame().await;
+    while let Some(frame) = next {
         let frame = match frame {
             Ok(f) => f,
             Err(error) => {
@@ -773,10 +774,8 @@ async fn write_body(
             }
         };
         match frame.into_data() {
+            Ok(data) if data.is_empty() => {}
             Ok(data) => {
-                if data.is_empty() {
-                    continue;
-                }
                 if chunked {
                     let _ = write!(out, "{:x}\r\n", data.len());
                 }
@@ -790,18 +789,28 @@ async fn write_body(
                 if chunked {
                     out.extend_from_slice(b"\r\n");
                 }
-                // More to come: what is here goes now, flushed (a TLS stream may hold records
-                // until then), or a streamed body would wait.
-                if !http_body::Body::is_end_stream(&body) {
-                    if !out.is_empty() {
-                        io.write_all(out).await?;
-                        out.clear();
-                    }
-                    io.flush().await?;
-                }
             }
             Err(frame) => trailers = frame.into_trailers().ok(),
         }
+        // The next frame at once when its bytes are here already (a response larger than the
+        // first read, which the app wrote whole): what is here goes out with it, in one write.
+        // Otherwise what is here goes now, flushed (a TLS stream may hold records until
+        // then), or a streamed body would wait.
+        let now = {
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            http_body::Body::poll_frame(std::pin::Pin::new(&mut body), &mut cx)
+        };
+        next = match now {
+            std::task::Poll::Ready(frame) => frame,
+            std::task::Poll::Pending => {
+                if !out.is_empty() {
+                    io.write_all(out).await?;
+                    out.clear();
+                }
+                io.flush().await?;
+                body.frame().await
+            }
+        };
     }
     if chunked {
         out.extend_from_slice(b"0\r\n");
