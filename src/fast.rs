@@ -160,6 +160,7 @@ fn plain_target(path: &str) -> bool {
 /// A `Content-Length` value this path takes: digits only, no leading zero, at most
 /// [`BODY_MAX`].
 fn body_length(value: &[u8]) -> Option<usize> {
+    // (Seven digits or more are over `BODY_MAX`: the sum below cannot overflow.)
     if value.is_empty() || value.len() > 6 || (value[0] == b'0' && value.len() > 1) {
         return None;
     }
@@ -434,9 +435,8 @@ pub async fn serve(io: &mut Prefixed, svc: &ProxyService, conn: &Arc<ConnState>,
                     );
                     guard.set_status(408);
                     out.clear();
-                    write_status(&mut out, req.http10, StatusCode::REQUEST_TIMEOUT, None);
-                    out.extend_from_slice(b"content-length: 0\r\n");
-                    end_head(&mut out, true, Ending { keep: false, http10: req.http10, say_close: true });
+                    let end = Ending { keep: false, http10: req.http10, say_close: true };
+                    write_own_answer(&mut out, &req, StatusCode::REQUEST_TIMEOUT, &HeaderMap::new(), b"", end);
                     let _ = io.write_all(&out).await;
                     let _ = io.shutdown().await;
                     return End::Close;
@@ -478,19 +478,8 @@ pub async fn serve(io: &mut Prefixed, svc: &ProxyService, conn: &Arc<ConnState>,
                 if draining && !says_close {
                     p.acct.metrics.connection_closed(CloseHow::ConnectionClose);
                 }
-                write_status(&mut out, req.http10, res.status(), None);
-                for (name, value) in res.headers().iter().filter(|(n, _)| *n != http::header::CONNECTION) {
-                    write_field(&mut out, name.as_str().as_bytes(), value.as_bytes());
-                }
-                write_field(&mut out, b"content-length", body.len().to_string().as_bytes());
-                end_head(
-                    &mut out,
-                    true,
-                    Ending { keep, http10: req.http10, say_close: req.keep_alive || draining || says_close },
-                );
-                if !req.head {
-                    out.extend_from_slice(&body);
-                }
+                let end = Ending { keep, http10: req.http10, say_close: req.keep_alive || draining || says_close };
+                write_own_answer(&mut out, &req, res.status(), res.headers(), &body, end);
                 if io.write_all(&out).await.is_err() || io.flush().await.is_err() {
                     return End::Close;
                 }
@@ -515,6 +504,27 @@ pub async fn serve(io: &mut Prefixed, svc: &ProxyService, conn: &Arc<ConnState>,
         if buf.is_empty() && buf.capacity() > COPY_MAX + 4 * READ {
             buf = BytesMut::new();
         }
+    }
+}
+
+/// An answer of drainproxy's own to `req` (an error, a timeout): its status, its `fields`
+/// (less `Connection`, which `end` says), a length, and `body` unless the request was HEAD.
+fn write_own_answer(
+    out: &mut Vec<u8>,
+    req: &Request,
+    status: StatusCode,
+    fields: &HeaderMap,
+    body: &[u8],
+    end: Ending,
+) {
+    write_status(out, req.http10, status, None);
+    for (name, value) in fields.iter().filter(|(n, _)| *n != http::header::CONNECTION) {
+        write_field(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    write_field(out, b"content-length", body.len().to_string().as_bytes());
+    end_head(out, true, end);
+    if !req.head {
+        out.extend_from_slice(body);
     }
 }
 
