@@ -765,13 +765,17 @@ impl<'b> Lines<'b> {
 
 /// Writes the response: the head in `out`, then the body as the app sends it (chunked when
 /// `chunked`). A body the app cuts short ends the connection, as hyper's path does.
-async fn write_body(
-    io: &mut Prefixed,
+async fn write_body<W, B>(
+    io: &mut W,
     out: &mut Vec<u8>,
-    mut body: LeanBody,
+    mut body: B,
     chunked: bool,
     declared: Vec<Bytes>,
-) -> std::io::Result<()> {
+) -> std::io::Result<()>
+where
+    W: tokio::io::AsyncWrite + Unpin,
+    B: http_body::Body<Data = Bytes, Error = std::io::Error> + Unpin,
+{
     let mut trailers: Option<HeaderMap> = None;
     let mut next = body.frame().await;
     while let Some(frame) = next {
@@ -792,9 +796,12 @@ async fn write_body(
                 if out.len() + data.len() <= COPY_MAX {
                     out.extend_from_slice(&data);
                 } else {
-                    io.write_all(out).await?;
+                    // Both in one vectored write, `data` not copied: one segment on the wire
+                    // and one wake-up of the client, where two writes make two of each (a
+                    // 16 KiB answer comes in two reads: its head with the first part fills
+                    // `out`, the rest is `data`).
+                    io.write_all_buf(&mut Buf::chain(out.as_slice(), &data[..])).await?;
                     out.clear();
-                    io.write_all(&data).await?;
                 }
                 if chunked {
                     out.extend_from_slice(b"\r\n");
@@ -808,7 +815,7 @@ async fn write_body(
         // then), or a streamed body would wait.
         let now = {
             let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-            http_body::Body::poll_frame(std::pin::Pin::new(&mut body), &mut cx)
+            std::pin::Pin::new(&mut body).poll_frame(&mut cx)
         };
         next = match now {
             std::task::Poll::Ready(frame) => frame,
@@ -870,6 +877,86 @@ mod tests {
 
     /// `is_name` agrees with `eq_ignore_ascii_case` on every token: each name this path looks
     /// for, with each of its bytes replaced by each byte a token may hold.
+    /// A body whose parts are all here already, as an app's answer is when it wrote it whole.
+    struct Here(std::collections::VecDeque<Bytes>);
+
+    impl http_body::Body for Here {
+        type Data = Bytes;
+        type Error = std::io::Error;
+
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<std::io::Result<http_body::Frame<Bytes>>>> {
+            std::task::Poll::Ready(self.0.pop_front().map(|part| Ok(http_body::Frame::data(part))))
+        }
+    }
+
+    /// The bytes of each write call, a vectored one counted once (one `writev`).
+    #[derive(Default)]
+    struct Writes(Vec<usize>);
+
+    impl tokio::io::AsyncWrite for Writes {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            self.0.push(buf.len());
+            std::task::Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_write_vectored(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            bufs: &[std::io::IoSlice<'_>],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            let n = bufs.iter().map(|b| b.len()).sum();
+            self.0.push(n);
+            std::task::Poll::Ready(Ok(n))
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    /// What of a response is here goes to the client in one write: a 16 KiB answer, read from
+    /// the app in two parts (its head and first 8 KiB, then the rest), is one write and so one
+    /// segment, not two (each of which wakes the client).
+    #[tokio::test]
+    async fn the_parts_of_an_answer_that_are_here_go_out_in_one_write() {
+        // (the body's parts behind a 200-byte head, the writes the client must see)
+        let cases: [(&[usize], &[usize]); 4] = [
+            // A 16 KiB answer: the head with the first read, then the rest.
+            (&[8_000, 8_434], &[16_634]),
+            (&[100, 200, 300], &[800]),
+            // Parts are joined up to `COPY_MAX`; the one that passes it goes out with them.
+            (&[COPY_MAX - 200, 1, COPY_MAX], &[COPY_MAX + 1, COPY_MAX]),
+            (&[3 * COPY_MAX], &[3 * COPY_MAX + 200]),
+        ];
+        for (parts, writes) in cases {
+            let body = Here(parts.iter().map(|&n| Bytes::from(vec![b'x'; n])).collect());
+            let mut io = Writes::default();
+            write_body(&mut io, &mut vec![b'h'; 200], body, false, Vec::new()).await.unwrap();
+            assert_eq!(io.0, writes, "parts {parts:?}");
+        }
+    }
+
     #[test]
     fn body_length_takes_plain_digits_up_to_the_cap() {
         for (value, want) in [
