@@ -270,13 +270,18 @@ enum BodyWait {
 
 /// Reads until `buf` holds `want` bytes: a request's head and its body, which must keep
 /// coming (no gap longer than `gap`, as nginx's `client_body_timeout`).
-async fn read_body(
-    io: &mut Prefixed,
+///
+/// The buffer gets `READ` bytes of room past the body. tokio forgets that a socket was readable
+/// only after a short read; a read that fills the buffer exactly leaves it marked, and the
+/// next request's first read is a system call that finds nothing. The buffer is kept for the
+/// next request, so without the room every same-sized request after it would fill it exactly.
+async fn read_body<R: tokio::io::AsyncRead + Unpin>(
+    io: &mut R,
     buf: &mut BytesMut,
     want: usize,
     gap: std::time::Duration,
 ) -> Result<(), BodyWait> {
-    buf.reserve(want - buf.len());
+    buf.reserve(want - buf.len() + READ);
     while buf.len() < want {
         match tokio::time::timeout(gap, io.read_buf(buf)).await {
             Ok(Ok(0)) | Ok(Err(_)) => return Err(BodyWait::Gone),
@@ -285,6 +290,19 @@ async fn read_body(
         }
     }
     Ok(())
+}
+
+/// Room for a read of the request head: at least `READ` bytes. An empty buffer first takes
+/// back the room the requests before used (no allocation; the buffer is kept between
+/// requests), so a request the size of the one before is read whole in one read, with room to
+/// spare (see [`read_body`]).
+fn make_room(buf: &mut BytesMut) {
+    if buf.is_empty() {
+        let _ = buf.try_reclaim(buf.capacity() + 1);
+    }
+    if buf.capacity() - buf.len() < READ {
+        buf.reserve(READ);
+    }
 }
 
 /// What woke a connection waiting for a request head.
@@ -335,9 +353,7 @@ pub async fn serve(io: &mut Prefixed, svc: &ProxyService, conn: &Arc<ConnState>,
                     Parsed::Partial => {}
                 }
             }
-            if buf.capacity() - buf.len() < READ {
-                buf.reserve(READ);
-            }
+            make_room(&mut buf);
             let wake = tokio::select! {
                 biased;
                 r = io.read_buf(&mut buf) => Wake::Read(r),
@@ -932,6 +948,64 @@ mod tests {
             _: &mut std::task::Context<'_>,
         ) -> std::task::Poll<std::io::Result<()>> {
             std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    /// Each read's room and what it returned: the bytes come as the client sent them.
+    struct Sent {
+        parts: std::collections::VecDeque<Vec<u8>>,
+        reads: Vec<(usize, usize)>,
+    }
+
+    impl tokio::io::AsyncRead for Sent {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            let room = buf.remaining();
+            let n = match self.parts.front_mut() {
+                None => 0,
+                Some(part) => {
+                    let n = part.len().min(room);
+                    buf.put_slice(&part[..n]);
+                    part.drain(..n);
+                    n
+                }
+            };
+            if self.parts.front().is_some_and(|p| p.is_empty()) {
+                self.parts.pop_front();
+            }
+            self.reads.push((room, n));
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    /// Requests with a body, read as the path reads them into the buffer the connection
+    /// keeps: the last read of each is short, so tokio forgets the socket was readable and the
+    /// next request's read is not a system call that finds nothing; and a request no larger
+    /// than the one before is read in one read.
+    #[tokio::test]
+    async fn the_last_read_of_a_request_with_a_body_is_short() {
+        let gap = std::time::Duration::from_secs(5);
+        let mut buf = BytesMut::new();
+        let mut before = 0;
+        for whole in [109 + 16_384, 109 + 16_384, 109 + 16_384, 50 + 1_000, 80 + BODY_MAX, 80 + BODY_MAX, 60] {
+            // As a client writes a request: all of it at once.
+            let mut io = Sent { parts: [vec![b'x'; whole]].into(), reads: Vec::new() };
+            make_room(&mut buf);
+            io.read_buf(&mut buf).await.unwrap();
+            if buf.len() < whole {
+                assert!(read_body(&mut io, &mut buf, whole, gap).await.is_ok());
+            }
+            assert_eq!(buf.len(), whole);
+            let &(room, n) = io.reads.last().unwrap();
+            assert!(n < room, "{whole} bytes: the last read filled its buffer ({:?})", io.reads);
+            if whole <= before {
+                assert_eq!(io.reads.len(), 1, "{whole} bytes after {before}: {:?}", io.reads);
+            }
+            before = whole;
+            buf.advance(whole);
         }
     }
 
