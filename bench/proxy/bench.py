@@ -4,7 +4,9 @@
 The app (nginx serving static files, one worker) and the proxy under test share CPU 1, as in
 a one-core pod; the load generator (wrk or h2load) runs alone on CPU 0. Every proxy is an
 equivalent sidecar: one worker/thread, HTTP/1.1 keep-alive to the app (up to 1024 idle
-connections for drainproxy and nginx; HAProxy with http-reuse always). Runs are interleaved
+connections for drainproxy and nginx; HAProxy with http-reuse always), and the forwarding
+fields drainproxy adds to every request (X-Forwarded-For with the client's address appended,
+X-Forwarded-Proto and X-Forwarded-Host), which the app parses too. Runs are interleaved
 (target by target within each repetition) and medians reported, with ratios to the better of
 nginx and HAProxy. Two byte relays that parse no HTTP (HAProxy in `mode tcp`, and
 bench/proxy/relay.rs on drainproxy's own runtime) run the small keep-alive workloads too: the
@@ -217,7 +219,9 @@ class Stack:
             " client_body_buffer_size 64k; upstream app {{ server 127.0.0.1:{a}; keepalive 1024; }}"
             " server {{ listen 127.0.0.1:{p}; listen 127.0.0.1:{h} http2; listen 127.0.0.1:{t} ssl http2;"
             " ssl_certificate {c}; ssl_certificate_key {k};"
-            " location / {{ proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }} }}\n")
+            " location / {{ proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\";"
+            " proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; proxy_set_header X-Forwarded-Proto $scheme;"
+            " proxy_set_header X-Forwarded-Host $http_host; }} }} }}\n")
             .format(d=side, a=APP, p=PORTS["nginx"][0], h=PORTS["nginx"][1], t=PORTS["nginx"][2],
                     c=tmp / "tls.crt", k=tmp / "tls.key"))
         (tmp / "haproxy.cfg").write_text(
@@ -226,6 +230,12 @@ class Stack:
             "  option http-keep-alive\n"
             f"frontend fe\n  bind 127.0.0.1:{PORTS['haproxy'][0]}\n  bind 127.0.0.1:{PORTS['haproxy'][1]} proto h2\n"
             f"  bind 127.0.0.1:{PORTS['haproxy'][2]} ssl crt {tmp / 'tls.pem'} alpn h2,http/1.1\n"
+            "  option forwardfor\n"
+            # The cheapest rules that give the app the same fields as drainproxy for the bench's
+            # clients (which send none of them): add, not set (which deletes first).
+            "  http-request add-header X-Forwarded-Proto https if { ssl_fc }\n"
+            "  http-request add-header X-Forwarded-Proto http if !{ ssl_fc }\n"
+            "  http-request add-header X-Forwarded-Host %[req.hdr(host)]\n"
             "  default_backend app\n"
             f"backend app\n  http-reuse always\n  server app 127.0.0.1:{APP}\n")
         (tmp / "drainproxy.yaml").write_text(drainproxy_config(PORTS["drainproxy"][0], ADMIN))
