@@ -642,7 +642,9 @@ def render(results, latency, errors, memory, allocators, args):
               "the issue's workloads and have no target.",
               "",
               "The app, nginx, HAProxy, the two byte relays and drainproxy are started with `taskset -c 1`; their configurations are written by "
-              "`bench/proxy/bench.py` (class `Stack`). CPU time is read from `/proc/<pid>/stat` (utime, stime) before and "
+              "`bench/proxy/bench.py` (class `Stack`). Each proxy adds the forwarding fields drainproxy adds to every request "
+              "(`X-Forwarded-For`, `X-Forwarded-Proto`, `X-Forwarded-Host`: nginx with `proxy_set_header`, HAProxy with "
+              "`option forwardfor` and `http-request add-header`), so the app parses the same request behind each. CPU time is read from `/proc/<pid>/stat` (utime, stime) before and "
               "after each run, RSS from `/proc/<pid>/status` (VmRSS; VmHWM for the peak)."]
     # What bounds the small-response figures, computed from this run.
     w = "h1 0 B"
