@@ -668,7 +668,8 @@ def render(results, latency, errors, memory, allocators, args):
         reached = "; ".join(f"{RELAY_NAMES[relay]} reaches {cells(relay)}" for relay in RELAYS
                             if any(relay in v for v in floor.values()))
         lines += [f"The floor, measured in the same run: byte relays that parse no HTTP at all (one app connection per "
-                  f"client connection, pinned like the others). {reached}. Every proxy here makes the same socket calls "
+                  f"client connection, pinned like the others; they pass each request as it came, so the app behind them "
+                  f"parses no forwarding fields and does a little less work than behind the proxies). {reached}. Every proxy here makes the same socket calls "
                   f"per request as those relays, so none can pass them on this topology: {floor_verdict(floor)}.", ""]
         tokio = results.get((w, "tokio relay"))
         if tokio:
