@@ -292,16 +292,25 @@ async fn read_body<R: tokio::io::AsyncRead + Unpin>(
     Ok(())
 }
 
-/// Room for a read of the request head: at least `READ` bytes. An empty buffer first takes
-/// back the room the requests before used (no allocation; the buffer is kept between
-/// requests), so a request the size of the one before is read whole in one read, with room to
-/// spare (see [`read_body`]).
+/// Room for a read of the request head: at least `READ` bytes.
 fn make_room(buf: &mut BytesMut) {
-    if buf.is_empty() {
-        let _ = buf.try_reclaim(buf.capacity() + 1);
-    }
     if buf.capacity() - buf.len() < READ {
         buf.reserve(READ);
+    }
+}
+
+/// The read buffer after a request, kept for the next. Emptied, it takes back the room its
+/// requests used (no allocation: `capacity` counts only what lies past the bytes consumed), so
+/// a request the size of the one before is read whole in one read, with room to spare (see
+/// [`read_body`]); a buffer a large head or body grew is given up. One that holds the next
+/// request (pipelined) is left as it is.
+fn keep_for_next(buf: &mut BytesMut) {
+    if buf.is_empty() {
+        let _ = buf.try_reclaim(buf.capacity() + 1);
+        // (A body up to `COPY_MAX` keeps the buffer it was read into.)
+        if buf.capacity() > COPY_MAX + 4 * READ {
+            *buf = BytesMut::new();
+        }
     }
 }
 
@@ -516,10 +525,7 @@ pub async fn serve(io: &mut Prefixed, svc: &ProxyService, conn: &Arc<ConnState>,
         if to_app.capacity() > 4 * COPY_MAX {
             to_app = Vec::new();
         }
-        // (A body up to `COPY_MAX` keeps the buffer it was read into.)
-        if buf.is_empty() && buf.capacity() > COPY_MAX + 4 * READ {
-            buf = BytesMut::new();
-        }
+        keep_for_next(&mut buf);
     }
 }
 
@@ -956,8 +962,9 @@ mod tests {
 
     /// Requests with a body, read as the path reads them into the buffer the connection
     /// keeps: the last read of each is short, so tokio forgets the socket was readable and the
-    /// next request's read is not a system call that finds nothing; and a request no larger
-    /// than the one before is read in one read.
+    /// next request's read is not a system call that finds nothing; a request no larger than
+    /// the one before (a body up to `COPY_MAX`) is read in one read; and a buffer a larger
+    /// body grew is not kept.
     #[tokio::test]
     async fn the_last_read_of_a_request_with_a_body_is_short() {
         let gap = std::time::Duration::from_secs(5);
@@ -974,11 +981,13 @@ mod tests {
             assert_eq!(buf.len(), whole);
             let &(room, n) = io.reads.last().unwrap();
             assert!(n < room, "{whole} bytes: the last read filled its buffer ({:?})", io.reads);
-            if whole <= before {
+            if whole <= before && before <= COPY_MAX + READ {
                 assert_eq!(io.reads.len(), 1, "{whole} bytes after {before}: {:?}", io.reads);
             }
             before = whole;
             buf.advance(whole);
+            keep_for_next(&mut buf);
+            assert!(buf.capacity() <= COPY_MAX + 4 * READ, "{whole} bytes: kept {}", buf.capacity());
         }
     }
 
