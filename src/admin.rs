@@ -22,10 +22,10 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::json;
-use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tracing::{debug, info, warn, Instrument};
 
+use crate::accepted::Listener;
 use crate::body::Accounting;
 use crate::lifecycle::{Event, Phase, State, Trigger};
 use crate::upstream::Upstream;
@@ -50,7 +50,7 @@ pub struct Admin {
 type Res = Response<Full<Bytes>>;
 
 /// Serves the admin API until `stop` resolves.
-pub async fn serve(listener: TcpListener, admin: Arc<Admin>, stop: impl std::future::Future) {
+pub async fn serve(listener: Listener, admin: Arc<Admin>, stop: impl std::future::Future) {
     let mut builder = http1::Builder::new();
     builder.timer(TokioTimer::new()).header_read_timeout(admin.header_read_timeout);
     // Admin connections are few (probes, the preStop hook, Prometheus); a small cap keeps a

@@ -112,6 +112,7 @@ pub async fn start(cfg: Config, opts: StartOptions) -> anyhow::Result<Running> {
         reloader.report(&metrics);
         tasks.0.push(tokio::spawn(reloader.run(metrics.clone())));
     }
+    let admin_listener = crate::accepted::Listener::new(admin_listener).context("cannot watch the admin listener")?;
     tasks.0.push(tokio::spawn(admin::serve(admin_listener, admin, std::future::pending::<()>())));
     tasks.0.push(tokio::spawn(crate::health::run(cfg.health.clone(), app_addr, events_tx.clone(), metrics.clone())));
     if opts.signals {

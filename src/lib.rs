@@ -1,6 +1,7 @@
 //! drainproxy: a sidecar reverse proxy that drains on measured idleness.
 //! See ARCHITECTURE.md for the codemap and the invariants.
 
+pub mod accepted;
 pub mod activity;
 pub mod admin;
 pub mod app;

@@ -28,6 +28,7 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn, Instrument};
 
+use crate::accepted::{Accepted, Listener};
 use crate::body::ConnState;
 use crate::config::LimitsConfig;
 use crate::cork::{Corked, Releases};
@@ -56,10 +57,12 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 /// `limit` (the `max_connections` budget; at the limit, connects wait in the backlog).
 /// On stop, connections already completed by the kernel are still taken and served, so that
 /// closing the socket resets nobody who was already connected.
-pub async fn accept_loop<S, F>(listener: TcpListener, limit: Arc<Semaphore>, stop: S, mut on_conn: F)
+/// Connections come as [`Accepted`] sockets, outside the runtime's epoll set until they must
+/// wait.
+pub async fn accept_loop<S, F>(listener: Listener, limit: Arc<Semaphore>, stop: S, mut on_conn: F)
 where
     S: Future,
-    F: FnMut(TcpStream, SocketAddr, Option<OwnedSemaphorePermit>),
+    F: FnMut(Accepted, SocketAddr, Option<OwnedSemaphorePermit>),
 {
     tokio::pin!(stop);
     let mut warned_full = false;
@@ -181,7 +184,7 @@ impl ProxyListener {
     pub fn start(listener: TcpListener, ctx: Arc<ConnCtx>) -> io::Result<Self> {
         let addr = listener.local_addr()?;
         let mut me = ProxyListener { addr, ctx, running: None };
-        me.spawn(listener);
+        me.spawn(Listener::new(listener)?);
         Ok(me)
     }
 
@@ -189,7 +192,7 @@ impl ProxyListener {
         self.addr
     }
 
-    fn spawn(&mut self, listener: TcpListener) {
+    fn spawn(&mut self, listener: Listener) {
         let (tx, rx) = oneshot::channel::<()>();
         let ctx = self.ctx.clone();
         let limit = ctx.limit.clone();
@@ -215,7 +218,7 @@ impl ProxyListener {
     pub fn reopen(&mut self) -> io::Result<()> {
         if self.running.is_none() {
             let listener = bind(self.addr)?;
-            self.spawn(listener);
+            self.spawn(Listener::new(listener)?);
         }
         Ok(())
     }
@@ -223,7 +226,7 @@ impl ProxyListener {
 
 async fn serve_proxy_conn(
     ctx: Arc<ConnCtx>,
-    stream: TcpStream,
+    stream: Accepted,
     peer: SocketAddr,
     _permit: Option<OwnedSemaphorePermit>,
 ) {
@@ -286,7 +289,7 @@ async fn serve_proxy_conn(
                 }
                 fast::End::Park => {
                     let _parked = acct.activity.connection_parked();
-                    if !Box::pin(parked(&io, &conn_state, &ctx)).await {
+                    if !Box::pin(parked(&mut io, &conn_state, &ctx)).await {
                         return;
                     }
                     continue;
@@ -306,7 +309,7 @@ async fn serve_proxy_conn(
         io.unread(parts.read_buf);
         svc = parts.service;
         let _parked = acct.activity.connection_parked();
-        if !Box::pin(parked(&io, &conn_state, &ctx)).await {
+        if !Box::pin(parked(&mut io, &conn_state, &ctx)).await {
             return;
         }
     }
@@ -319,7 +322,7 @@ pub(crate) const PARK_AFTER: Duration = Duration::from_secs(1);
 
 /// Waits, holding only the socket, until a parked connection has bytes to read (true) or
 /// must close: idle timeout, drain's idle close, process end (false).
-async fn parked(io: &Prefixed, conn_state: &ConnState, ctx: &ConnCtx) -> bool {
+async fn parked(io: &mut Prefixed, conn_state: &ConnState, ctx: &ConnCtx) -> bool {
     if io.has_unread() {
         return true;
     }
@@ -526,11 +529,20 @@ const PLAIN_HTTP_TO_TLS: &[u8] = b"HTTP/1.1 400 Bad Request\r\nContent-Type: tex
 /// Runs the TLS handshake within `deadline`, counting its outcome.
 async fn handshake(
     tls: &TlsAcceptor,
-    stream: TcpStream,
+    stream: Accepted,
     deadline: tokio::time::Instant,
     metrics: &crate::metrics::Metrics,
 ) -> Option<ClientStream> {
     let [ok, failed, timeout] = &metrics.tls_handshakes;
+    // A handshake waits on the client at once: the socket goes to tokio from the start.
+    let stream = match stream.into_watched() {
+        Ok(s) => s,
+        Err(error) => {
+            failed.inc();
+            debug!(%error, "cannot watch the connection: closed before the TLS handshake");
+            return None;
+        }
+    };
     let mut first = [0u8; 1];
     let accepted = match tokio::time::timeout_at(deadline, stream.peek(&mut first)).await {
         Ok(Ok(1)) if first[0] != TLS_HANDSHAKE_RECORD => {
@@ -579,7 +591,7 @@ async fn answer_plain_http(mut stream: TcpStream) -> io::Result<()> {
 /// A client connection: plain TCP, or TLS over it (boxed: rustls' state is large, and the
 /// plain connections are the many).
 pub enum ClientStream {
-    Plain(TcpStream),
+    Plain(Accepted),
     Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
 }
 
@@ -593,7 +605,7 @@ impl ClientStream {
 
     /// Waits until the socket has bytes to read (parking: plain connections only, since
     /// TLS may hold decrypted bytes the socket no longer shows).
-    async fn readable(&self) -> bool {
+    async fn readable(&mut self) -> bool {
         match self {
             ClientStream::Plain(s) => s.readable().await.is_ok(),
             ClientStream::Tls(_) => true,
@@ -737,10 +749,10 @@ mod tests {
     /// `serve_proxy_conn` does not set `TCP_NODELAY` itself: it relies on this.
     #[tokio::test]
     async fn accepted_connections_inherit_nodelay_from_the_listener() {
-        let l = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let l = Listener::new(bind("127.0.0.1:0".parse().unwrap()).unwrap()).unwrap();
         let client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let (accepted, _) = l.accept().await.unwrap();
-        assert!(accepted.nodelay().unwrap());
+        let (mut accepted, _) = l.accept().await.unwrap();
+        assert!(accepted.watched().unwrap().nodelay().unwrap());
         drop(client);
     }
 
@@ -753,7 +765,7 @@ mod tests {
         let stream = TcpStream::connect(addr).await.unwrap();
         let cfg = crate::config::Config::default();
         let ctx = Arc::new(ConnCtx::new(crate::proxy::test_proxy(addr), &cfg.limits, Arc::default()));
-        let task = std::mem::size_of_val(&serve_proxy_conn(ctx, stream, addr, None));
+        let task = std::mem::size_of_val(&serve_proxy_conn(ctx, Accepted::Watched(stream), addr, None));
         let h2 =
             std::mem::size_of::<http2::Connection<TokioIo<Corked<GraceRead<Prefixed>>>, ProxyService, TokioExecutor>>();
         assert!(task < h2 + 1024, "connection task {task} bytes (an HTTP/2 connection alone is {h2})");

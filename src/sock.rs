@@ -60,14 +60,14 @@ const GATHER_MAX: usize = 4096;
 
 /// `bufs` with `send(2)` when only one of them is non-empty or all fit [`GATHER_MAX`], else
 /// with `writev(2)`.
-pub fn write_vectored(
-    stream: Pin<&mut TcpStream>,
+pub fn write_vectored<W: AsyncWrite + ?Sized>(
+    stream: Pin<&mut W>,
     cx: &mut Context<'_>,
     bufs: &[io::IoSlice<'_>],
 ) -> Poll<io::Result<usize>> {
     let mut nonempty = bufs.iter().filter(|b| !b.is_empty());
     match (nonempty.next(), nonempty.next()) {
-        // `TcpStream::poll_write` is `send(2)` with `MSG_NOSIGNAL`.
+        // `TcpStream::poll_write` is `send(2)` with `MSG_NOSIGNAL`, as is `Accepted`'s.
         (Some(one), None) => stream.poll_write(cx, one),
         (Some(_), Some(_)) if bufs.iter().map(|b| b.len()).sum::<usize>() <= GATHER_MAX => {
             let mut gathered = [0u8; GATHER_MAX];
