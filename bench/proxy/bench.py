@@ -558,10 +558,10 @@ def render(results, latency, errors, memory, allocators, args):
         "",
         "CPU is the proxy's time over the requests it served, in µs per request: user + kernel = total. "
         "Per repetition: the lowest and highest of the ratios each repetition gave on its own (its targets ran back to "
-        "back); a range that spans 1.00 is parity within this machine's noise.",
+        "back), for throughput and for CPU; a throughput range that spans 1.00 is parity within this machine's noise.",
         "",
-        "| workload | direct req/s | drainproxy req/s | nginx req/s | HAProxy req/s | drainproxy / best peer | per repetition | CPU drainproxy | CPU nginx | CPU HAProxy | CPU ratio to best peer |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| workload | direct req/s | drainproxy req/s | nginx req/s | HAProxy req/s | drainproxy / best peer | per repetition | CPU drainproxy | CPU nginx | CPU HAProxy | CPU ratio to best peer | CPU per repetition |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     ratios, cpu_ratios = {}, {}
     floor = {}  # workload -> relay -> (req/s, µs/req, ratio to the better peer's req/s, to its CPU)
@@ -582,9 +582,12 @@ def render(results, latency, errors, memory, allocators, args):
                 floor.setdefault(w, {})[relay] = (rps[relay], us[relay], rps[relay] / best, us[relay] / best_cpu)
         per_rep = spread([d[0] / max(a[0], b[0]) for d, a, b in
                           zip(*(results[(w, t)] for t in ("drainproxy", *PEERS)))], "×")
+        cpu_per_rep = spread([(d[1] + d[2]) / min(a[1] + a[2], b[1] + b[2]) for d, a, b in
+                              zip(*(results[(w, t)] for t in ("drainproxy", *PEERS)))], "")
         split = lambda t: f"{user[t]:.1f} + {system[t]:.1f} = **{us[t]:.1f}**"
         lines.append(f"| {w} | {fmt(rps['direct'])} | {fmt(rps['drainproxy'])} | {fmt(rps['nginx'])} | {fmt(rps['haproxy'])} | "
-                     f"**{ratios[w]:.2f}×** | {per_rep} | {split('drainproxy')} | {split('nginx')} | {split('haproxy')} | {cpu_ratios[w]:.2f} |")
+                     f"**{ratios[w]:.2f}×** | {per_rep} | {split('drainproxy')} | {split('nginx')} | {split('haproxy')} | "
+                     f"{cpu_ratios[w]:.2f} | {cpu_per_rep} |")
     lines += ["", "## Open-loop latency", "",
               "oha at a fixed rate with `--latency-correction` (coordinated omission corrected), HTTP/1.1 keep-alive, "
               "0 B responses. Direct: the app's own latency; for each proxy, what it adds over direct (ms).", "",
