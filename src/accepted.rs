@@ -83,10 +83,8 @@ impl Accepted {
     /// Tokio's socket, for code that needs one (the TLS handshake).
     pub fn into_watched(mut self) -> io::Result<TcpStream> {
         self.watched()?;
-        match self {
-            Accepted::Watched(s) => Ok(s),
-            _ => Err(io::ErrorKind::NotConnected.into()),
-        }
+        let Accepted::Watched(s) = self else { unreachable!("`watched` leaves the socket tokio's or fails") };
+        Ok(s)
     }
 
     /// Waits until there are bytes to read (or the connection's end).

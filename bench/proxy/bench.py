@@ -580,10 +580,10 @@ def render(results, latency, errors, memory, allocators, args):
         for relay in RELAYS:
             if rps[relay] is not None and us[relay] is not None:
                 floor.setdefault(w, {})[relay] = (rps[relay], us[relay], rps[relay] / best, us[relay] / best_cpu)
-        per_rep = spread([d[0] / max(a[0], b[0]) for d, a, b in
-                          zip(*(results[(w, t)] for t in ("drainproxy", *PEERS)))], "×")
-        cpu_per_rep = spread([(d[1] + d[2]) / min(a[1] + a[2], b[1] + b[2]) for d, a, b in
-                              zip(*(results[(w, t)] for t in ("drainproxy", *PEERS)))], "")
+        # Each repetition's (drainproxy, nginx, HAProxy) figures, which ran back to back.
+        reps = list(zip(*(results[(w, t)] for t in ("drainproxy", *PEERS))))
+        per_rep = spread([d[0] / max(a[0], b[0]) for d, a, b in reps], "×")
+        cpu_per_rep = spread([(d[1] + d[2]) / min(a[1] + a[2], b[1] + b[2]) for d, a, b in reps], "")
         split = lambda t: f"{user[t]:.1f} + {system[t]:.1f} = **{us[t]:.1f}**"
         lines.append(f"| {w} | {fmt(rps['direct'])} | {fmt(rps['drainproxy'])} | {fmt(rps['nginx'])} | {fmt(rps['haproxy'])} | "
                      f"**{ratios[w]:.2f}×** | {per_rep} | {split('drainproxy')} | {split('nginx')} | {split('haproxy')} | "
